@@ -1,0 +1,276 @@
+"""Command line: ``fcl-bench run | list | scenario | pretrain | report``."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from fcl_bench import config as C
+
+
+class UserError(click.ClickException):
+    """Printed as ``Error: ...`` without a traceback."""
+
+
+def _user_errors():
+    from fcl_bench.datasets import DatasetError
+    from fcl_bench.nn.foundation import FoundationError
+    from fcl_bench.registry import RegistryError
+    from fcl_bench.scenario import ScenarioError
+
+    return (C.ConfigError, RegistryError, DatasetError, ScenarioError, FoundationError)
+
+
+def _build_run_config(preset: str, run_over: dict[str, str], **cli) -> C.RunConfig:
+    cfg = C.preset(preset)
+    direct = {k: str(v) for k, v in cli.items() if v is not None}
+    cfg = C.apply_overrides(cfg, {**direct, **run_over}, "run")
+    return cfg
+
+
+@dataclass
+class Planned:
+    method: str
+    label: str
+    overrides: dict[str, str]
+    run_overrides: dict[str, str] = field(default_factory=dict)
+
+
+def _method_config(cls, overrides: dict[str, str]):
+    return C.apply_overrides(cls.Config(), overrides, cls.name)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fcl-bench")
+def main() -> None:
+    """fcl-bench: Fed-LSCL and its baselines under one federated continual learning protocol."""
+
+
+_common = [
+    click.option("--preset", default="quick", show_default=True, help="protocol preset (fcl-bench list presets)"),
+    click.option("--dataset", default=None, help="dataset name (fcl-bench list datasets)"),
+    click.option("--data-root", default=None, help="folder holding the dataset files"),
+    click.option("--download/--no-download", default=None, help="download a torchvision dataset if missing"),
+    click.option("--foundation", default=None, help="'tiny' or a timm ViT name with tag"),
+    click.option("--foundation-weights", default=None, help="weights file (safetensors or torch state dict)"),
+    click.option("-o", "--override", "overrides", multiple=True,
+                 help="KEY=VALUE (run config) or METHOD.KEY=VALUE (method config); repeatable"),
+]
+
+
+def common(f):
+    for opt in reversed(_common):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.option("--methods", default="all", show_default=True, help="comma-separated method names, or 'all'")
+@common
+@click.option("--seeds", default=None, help="comma-separated seeds (default: the preset's seed)")
+@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--suite", "suite_name", default=None, help="results sub-folder (default: the preset name)")
+@click.option("--device", default=None, help="auto, cpu or cuda[:N]")
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(dir_okay=False),
+              help="a Python file defining Method subclasses; repeatable")
+@click.option("--flops", default="sampled", show_default=True, type=click.Choice(["sampled", "all", "off"]),
+              help="FLOP counting: first round of each task per client (sampled), every round, or none")
+@click.option("--force", is_flag=True, help="re-run runs that already completed")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def run(methods, preset, dataset, data_root, download, foundation, foundation_weights, overrides, seeds, out,
+        suite_name, device, plugins, flops, force, quiet):
+    """Run methods on a preset and store results under OUT/SUITE/METHOD/DATASET/seedK/."""
+    from fcl_bench import registry
+
+    try:
+        for p in plugins:
+            registry.load_plugin_file(p)
+        run_over, meth_over = C.split_overrides(overrides)
+        names = registry.available_methods() if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+        classes = {n: registry.get_method(n) for n in names}
+        for m in meth_over:
+            if m not in classes:
+                raise C.ConfigError(f"override for '{m}', which is not among the methods run ({', '.join(names)})")
+        base = _build_run_config(preset, run_over, dataset=dataset, data_root=data_root, download=download,
+                                 foundation=foundation, foundation_weights=foundation_weights, device=device)
+        seed_list = [int(s) for s in seeds.split(",")] if seeds else [base.seed]
+        plan = [Planned(n, n, meth_over.get(n, {})) for n in names]
+        mcfgs = {p.label: _method_config(classes[p.method], p.overrides) for p in plan}
+    except _user_errors() as e:
+        raise UserError(str(e)) from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    ok = execute(plan, classes, mcfgs, base, seed_list, Path(out), suite_name or preset, force, quiet, flops)
+    if not ok:
+        sys.exit(1)
+
+
+def execute(plan, classes, mcfgs, base: C.RunConfig, seeds, out: Path, suite: str, force: bool, quiet: bool,
+            flops: str) -> bool:
+    """Run every planned method for every seed; a failed run is recorded and the rest go on."""
+    import dataclasses
+
+    from fcl_bench.federation import Workspace, describe, run_method
+    from fcl_bench.store import RunRecord, run_dir, write_json
+
+    summary = []
+    workspaces: dict[tuple, Workspace] = {}
+    for seed in seeds:
+        for p in plan:
+            cfg = dataclasses.replace(base, seed=seed)
+            rec = RunRecord(run_dir(out, suite, p.label, cfg.dataset, seed))
+            if rec.is_complete() and not force:
+                click.echo(f"skip {p.label} seed {seed}: completed in {rec.path} (use --force to re-run)")
+                summary.append(_row(p.label, seed, rec))
+                continue
+            rec.start()
+            t0 = time.perf_counter()
+
+            def log(line: str, _rec=rec) -> None:
+                _rec.log(line)
+                if not quiet:
+                    click.echo(line)
+
+            try:
+                ws_key = (dataclasses.replace(cfg, rounds_per_task=0, epochs=0).__repr__())
+                if ws_key not in workspaces:
+                    workspaces.clear()  # one workspace (data, cache) in memory at a time
+                    workspaces[ws_key] = Workspace.create(cfg, progress=not quiet)
+                ws = workspaces[ws_key]
+                ws.cfg = cfg
+                cls = classes[p.method]
+                log(f"== {p.label} ({p.method}) on {cfg.dataset}, seed {seed}, scenario {ws.scenario.short_hash}")
+                ws.scenario.save(rec.path / "scenario.json")
+
+                def write_config(_rec=rec, _p=p, _cfg=cfg, _ws=ws) -> None:
+                    write_json(_rec.path / "config.json", {
+                        "suite": suite, "method": _p.method, "label": _p.label, "run": _cfg.to_dict(),
+                        "method_config": dataclasses.asdict(mcfgs[_p.label]), **describe(_ws),
+                        "command": " ".join(sys.argv)})
+
+                write_config()  # also for runs that fail
+                result = run_method(cls, mcfgs[p.label], ws, log=log, progress=not quiet, flops=flops)
+                write_config()  # now with the foundation model's description
+                rec.finish(result.metrics, result.rounds, result.seconds)
+                log(f"   final_acc {result.metrics['final_acc']:.4f}  ({result.seconds:.1f} s)")
+            except KeyboardInterrupt:
+                rec.fail("interrupted", time.perf_counter() - t0)
+                raise
+            except Exception as e:  # one failed run never aborts the suite
+                reason = f"{type(e).__name__}: {e}"
+                rec.log(traceback.format_exc())
+                rec.fail(reason, time.perf_counter() - t0)
+                click.echo(f"FAILED {p.label} seed {seed}: {reason} (log: {rec.path / 'log.txt'})", err=True)
+            summary.append(_row(p.label, seed, rec))
+    _print_summary(summary)
+    failed = [s for s in summary if s["state"] != "completed"]
+    if failed:
+        click.echo(f"{len(failed)} of {len(summary)} runs failed: " +
+                   "; ".join(f"{s['method']} seed {s['seed']}: {s['reason']}" for s in failed), err=True)
+    return not failed
+
+
+def _row(label: str, seed: int, rec) -> dict:
+    from fcl_bench.store import read_json
+
+    st = rec.status or {}
+    row = {"method": label, "seed": seed, "state": st.get("state"), "reason": st.get("reason", "")}
+    if rec.is_complete():
+        m = read_json(rec.path / "metrics.json")
+        row.update(final_acc=m["final_acc"], avg_inc=m["avg_incremental_acc"], forgetting=m["forgetting"],
+                   mb_up=m["bytes_up"] / 1e6, mb_down=m["bytes_down"] / 1e6, seconds=m["wall_seconds"])
+    return row
+
+
+def _print_summary(rows: list[dict]) -> None:
+    if not rows:
+        return
+    click.echo("\n{:<22} {:>6} {:>10} {:>9} {:>9} {:>10} {:>9} {:>9} {:>8}".format(
+        "method", "seed", "state", "final_acc", "avg_inc", "forgetting", "MB up", "MB down", "seconds"))
+    for r in rows:
+        if r["state"] == "completed":
+            click.echo("{:<22} {:>6} {:>10} {:>9.4f} {:>9.4f} {:>10.4f} {:>9.3f} {:>9.3f} {:>8.1f}".format(
+                r["method"], r["seed"], r["state"], r["final_acc"], r["avg_inc"], r["forgetting"], r["mb_up"],
+                r["mb_down"], r["seconds"]))
+        else:
+            click.echo(f"{r['method']:<22} {r['seed']:>6} {str(r['state']):>10}  {r['reason']}")
+
+
+@main.command("list")
+@click.argument("what", required=False, type=click.Choice(["methods", "datasets", "presets"]))
+@click.option("--plugin", "plugins", multiple=True, type=click.Path(dir_okay=False))
+def list_(what, plugins):
+    """List methods, datasets and presets."""
+    from fcl_bench import registry
+    from fcl_bench.datasets import DATASETS
+
+    try:
+        for p in plugins:
+            registry.load_plugin_file(p)
+    except _user_errors() as e:
+        raise UserError(str(e)) from None
+    if what in (None, "methods"):
+        click.echo("methods:")
+        for n in registry.available_methods():
+            cls = registry.get_method(n)
+            keys = ", ".join(cls.config_fields())
+            click.echo(f"  {n:<14} {cls.description}")
+            click.echo(f"  {'':<14} options: {keys}")
+    if what in (None, "datasets"):
+        click.echo("datasets:")
+        for n, e in sorted(DATASETS.items()):
+            click.echo(f"  {n:<14} {e.description}")
+    if what in (None, "presets"):
+        click.echo("presets:")
+        for n in C.PRESETS:
+            click.echo(f"  {n:<18} {C.PRESET_HELP.get(n, '')}")
+
+
+@main.command()
+@common
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write the scenario JSON")
+def scenario(preset, dataset, data_root, download, foundation, foundation_weights, overrides, seed, json_path):
+    """Print the per-client scenario table of a preset (and write its JSON)."""
+    from fcl_bench.federation import load_data, make_scenario
+    from fcl_bench.scenario import scenario_table
+
+    try:
+        run_over, _ = C.split_overrides(overrides)
+        cfg = _build_run_config(preset, run_over, dataset=dataset, data_root=data_root, download=download,
+                                foundation=foundation, foundation_weights=foundation_weights, seed=seed)
+        _, ds = load_data(cfg)
+        sc = make_scenario(cfg, ds)
+    except _user_errors() as e:
+        raise UserError(str(e)) from None
+    click.echo(scenario_table(sc, ds.classes))
+    if json_path:
+        sc.save(json_path)
+        click.echo(f"wrote {json_path} (hash {sc.short_hash})")
+
+
+@main.command()
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="retrain even if cached")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+def pretrain(seed, force, device, quiet):
+    """Pretrain the tiny offline foundation ViT on the synthetic pretraining classes (cached)."""
+    from fcl_bench.datasets import load_dataset
+    from fcl_bench.federation import resolve_device
+    from fcl_bench.nn.pretrain import pretrain_tiny_vit
+
+    ds = load_dataset("synthetic")
+    _, report = pretrain_tiny_vit(ds, seed=seed, force=force, progress=not quiet, device=resolve_device(device))
+    for k in ("probe_acc_pretrained", "probe_acc_random_init", "train_seconds", "images_per_second", "epochs"):
+        if k in report:
+            click.echo(f"{k}: {report[k]}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

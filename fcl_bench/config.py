@@ -1,0 +1,162 @@
+"""Typed configuration: the run config, presets, and ``-o KEY=VALUE`` overrides.
+
+``-o clients=3`` sets a run-config field; ``-o fedlscl.rank=8`` sets a field of a method's ``Config``.
+Values are parsed by the field's declared type (bool accepts true/false/1/0/yes/no only; lists are
+comma-separated); unknown keys and unparsable values are :class:`ConfigError` listing the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; the message names the problem and the fix."""
+
+
+@dataclass
+class RunConfig:
+    """Everything about a run except the method's own hyperparameters.
+
+    Protocol (paper section 3/5.1): ``clients`` k, ``private`` classes per client, ``public`` classes
+    shared by all (instances split by Dirichlet(``alpha``)), ``tasks`` x ``classes_per_task``,
+    ``rounds_per_task`` communication rounds per task, ``epochs`` local epochs per round.
+    ``train_per_class`` / ``test_per_class`` cap the samples per class (seeded choice; None = all) so the
+    offline presets stay fast.
+    """
+
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    download: bool = False
+    foundation: str = "tiny"
+    foundation_weights: str | None = None
+    foundation_pretrained: bool = True
+    small_models: list[str] = field(default_factory=lambda: ["resnet18"])
+    small_width: int = 512
+    clients: int = 5
+    private: int = 15
+    public: int = 25
+    tasks: int = 5
+    classes_per_task: int = 8
+    alpha: float = 0.5
+    rounds_per_task: int = 5
+    epochs: int = 1
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 42
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # seconds: for tests and a first look
+    "smoke": dict(dataset="synthetic", foundation="tiny", small_models=["resnet10t"], small_width=64,
+                  clients=2, private=2, public=2, tasks=2, classes_per_task=2, rounds_per_task=1, epochs=1,
+                  batch_size=32, train_per_class=16, test_per_class=8, alpha=1.0),
+    # minutes on a laptop CPU for every method; the default of `fcl-bench run`
+    "quick": dict(dataset="synthetic", foundation="tiny", small_models=["resnet10t"], small_width=128,
+                  clients=3, private=4, public=4, tasks=3, classes_per_task=4, rounds_per_task=2, epochs=1,
+                  batch_size=32, train_per_class=80, test_per_class=40, alpha=0.5),
+    # the paper's protocol (section 5.1): ViT-B/16 at 224, resnet18 clients, Adam lr 1e-3
+    "paper-cifar100": dict(dataset="cifar100", foundation="vit_base_patch16_224.augreg_in21k_ft_in1k",
+                           small_models=["resnet18"], small_width=512, clients=5, private=15, public=25,
+                           tasks=5, classes_per_task=8, rounds_per_task=5, epochs=1, batch_size=64,
+                           alpha=0.5),
+    "paper-imagenet-r": dict(dataset="imagenet-r", foundation="vit_base_patch16_224.augreg_in21k_ft_in1k",
+                             small_models=["resnet18"], small_width=512, clients=5, private=40, public=0,
+                             tasks=5, classes_per_task=8, rounds_per_task=5, epochs=1, batch_size=64,
+                             alpha=0.5),
+}
+PRESET_HELP = {
+    "smoke": "seconds: 2 clients, 2 tasks x 2 classes, tiny data (tests)",
+    "quick": "minutes on CPU: 3 clients, 3 tasks x 4 classes, synthetic data, tiny pretrained ViT (default)",
+    "paper-cifar100": "paper protocol on CIFAR-100: 5 clients, 15 private + 25 public, 5 tasks x 8, ViT-B/16",
+    "paper-imagenet-r": "paper protocol on ImageNet-R: 5 clients, 40 private, 0 public, 5 tasks x 8, ViT-B/16",
+}
+PAPER_SEEDS = (42, 1999, 2024)
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; valid presets: {', '.join(PRESETS)}")
+    return RunConfig(**PRESETS[name])
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _parse(value: str, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse(value, inner[0], key)
+    if origin in (list, tuple):
+        inner = args[0] if args else str
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        parsed = [_parse(v, inner, key) for v in items]
+        return parsed if origin is list else tuple(parsed)
+    if tp is bool:
+        v = value.lower()
+        if v in _TRUE:
+            return True
+        if v in _FALSE:
+            return False
+        raise ConfigError(f"{key}: '{value}' is not a boolean (use true/false)")
+    if tp in (int, float, str):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{key}: '{value}' is not a valid {tp.__name__}") from None
+    if typing.get_origin(tp) is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, args))}")
+        return value
+    raise ConfigError(f"{key}: cannot parse values of type {tp}")
+
+
+def apply_overrides(obj: Any, overrides: dict[str, str], what: str) -> Any:
+    """Return a copy of dataclass ``obj`` with ``overrides`` (field -> string value) parsed and applied."""
+    hints = typing.get_type_hints(type(obj))
+    valid = [f.name for f in fields(obj)]
+    changes = {}
+    for key, value in overrides.items():
+        if key not in hints or key not in valid:
+            raise ConfigError(f"unknown {what} key '{key}'; valid keys: {', '.join(valid)}")
+        changes[key] = _parse(value, hints[key], f"{what}.{key}")
+    return dataclasses.replace(obj, **changes)
+
+
+def split_overrides(items: list[str] | tuple[str, ...]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """``["clients=3", "fedlscl.rank=8"]`` -> (run overrides, {method: overrides})."""
+    run: dict[str, str] = {}
+    per_method: dict[str, dict[str, str]] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like KEY=VALUE or METHOD.KEY=VALUE")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if "." in key:
+            method, sub = key.split(".", 1)
+            per_method.setdefault(method.strip(), {})[sub.strip()] = value.strip()
+        else:
+            run[key] = value.strip()
+    return run, per_method
+
+
+def config_to_dict(obj: Any) -> dict:
+    """A dataclass as JSON-ready values."""
+    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))

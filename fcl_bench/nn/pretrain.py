@@ -1,0 +1,312 @@
+"""Pretraining of the tiny foundation ViT on the synthetic pretraining classes, its cache and a linear probe.
+
+:func:`pretrain_tiny_vit` trains :func:`~fcl_bench.nn.tiny_vit.build_tiny_vit` with temporary linear heads
+on ``dataset.pretrain`` only (never on an FCL class): one head over the pretraining classes and, when the
+dataset ships its generative factors (``dataset.pretrain.info["factors"]``), one head per factor, which
+teaches features that transfer to unseen factor combinations. Weights (safetensors) and a JSON report are
+cached under ``$FCL_BENCH_CACHE/tiny_vit`` keyed by the dataset fingerprint, the architecture, the
+hyperparameters and :data:`PRETRAIN_VERSION`; a second call loads them. :func:`linear_probe` measures how
+well frozen final-norm CLS features separate all FCL classes jointly.
+
+Run ``python -m fcl_bench.nn.pretrain`` for the full calibration (generation, pretraining, both probes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from hashlib import sha1
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from tqdm.auto import tqdm
+
+from fcl_bench.data import Dataset, ImageSource, Preprocess, TensorSource
+from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG, build_tiny_vit
+
+PRETRAIN_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Architecture and recipe of the tiny-ViT pretraining (AdamW, warmup + cosine, random-shift crops)."""
+
+    patch_size: int = 8
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    shift: int = 2                  # random translation of up to `shift` pixels (no flips: they change classes)
+    factor_loss: float = 1.0        # weight of the per-factor heads' loss (0 disables them)
+    max_train_per_class: int | None = None   # cap on pretraining images per class (smoke tests)
+
+    def arch(self) -> dict:
+        return {"patch_size": self.patch_size, "embed_dim": self.embed_dim, "depth": self.depth,
+                "num_heads": self.num_heads}
+
+
+def default_cache_dir() -> Path:
+    """``$FCL_BENCH_CACHE`` or ``~/.cache/fcl-bench``."""
+    return Path(os.environ.get("FCL_BENCH_CACHE", Path.home() / ".cache" / "fcl-bench")).expanduser()
+
+
+@contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    """Seed torch and force deterministic kernels inside the block, restoring global state after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+
+@torch.no_grad()
+def extract_features(vit: VisionTransformer, source: ImageSource, pre: Preprocess,
+                     device: torch.device | str = "cpu", batch_size: int = 500) -> torch.Tensor:
+    """Final-norm CLS features of every image of ``source`` -> float32 ``(N, embed_dim)`` on the CPU."""
+    was_training = vit.training
+    vit.eval()
+    feats = [vit(source.load(np.arange(lo, min(lo + batch_size, len(source))), pre, device)).float().cpu()
+             for lo in range(0, len(source), batch_size)]
+    vit.train(was_training)
+    return torch.cat(feats)
+
+
+def fit_linear_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-4,
+                          max_iter: int = 200) -> nn.Linear:
+    """Multinomial logistic regression on standardised features ``x`` ``(N, D)``, labels ``y`` ``(N,)``.
+
+    Full-batch L-BFGS from zero weights, so the result is deterministic. The returned layer includes the
+    standardisation (apply it to raw features).
+    """
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    w = torch.zeros(x.shape[1], num_classes, requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w + b, y) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    layer = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():  # fold the standardisation into the layer
+        layer.weight.copy_((w / std[:, None]).T)
+        layer.bias.copy_(b - (mean / std) @ w)
+    return layer
+
+
+def linear_probe(vit: VisionTransformer, dataset: Dataset, pre: Preprocess,
+                 device: torch.device | str = "cpu") -> float:
+    """Test accuracy of a linear classifier on frozen CLS features over all FCL classes of ``dataset``."""
+    train_x = extract_features(vit, dataset.train, pre, device)
+    test_x = extract_features(vit, dataset.test, pre, device)
+    return probe_accuracy(train_x, torch.as_tensor(dataset.train.labels), test_x,
+                          torch.as_tensor(dataset.test.labels), dataset.num_classes)
+
+
+def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   num_classes: int) -> float:
+    """Fit :func:`fit_linear_classifier` on the train features and return its test accuracy."""
+    layer = fit_linear_classifier(train_x, train_y, num_classes)
+    with torch.no_grad():
+        return (layer(test_x).argmax(1) == test_y).float().mean().item()
+
+
+def _random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image of ``x`` ``(B, C, H, W)`` by up to ``shift`` pixels (edge-replicated border)."""
+    if shift == 0:
+        return x
+    b, _, h, w = x.shape
+    padded = F.pad(x, (shift,) * 4, mode="replicate")
+    oy, ox = torch.randint(0, 2 * shift + 1, (2, b, 1), generator=generator)
+    rows = (oy + torch.arange(h))[:, :, None]                      # (B, H, 1)
+    cols = (ox + torch.arange(w))[:, None, :]                      # (B, 1, W)
+    return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+def _train_subset(source: TensorSource, max_per_class: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``max_per_class`` images of each class (all when None): uint8 images and int64 labels."""
+    labels = torch.as_tensor(source.labels)
+    if max_per_class is None:
+        return source.images, labels
+    order = torch.argsort(labels, stable=True)
+    rank = torch.arange(len(labels)) - torch.searchsorted(labels[order], labels[order])
+    keep = torch.sort(order[rank < max_per_class]).values
+    return source.images[keep], labels[keep]
+
+
+def _lr_lambda(total_steps: int, warmup_frac: float):
+    warmup = max(1, int(total_steps * warmup_frac))
+    return lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) /
+                                                                               max(1, total_steps - warmup)))
+
+
+def _fit(vit: VisionTransformer, pretrain: Dataset, cfg: PretrainConfig, seed: int, pre: Preprocess,
+         device: torch.device, progress: bool) -> dict:
+    """Supervised training of ``vit`` in place on ``pretrain.train``; returns training statistics."""
+    if not isinstance(pretrain.train, TensorSource):
+        raise ValueError("pretraining needs an in-memory TensorSource (the synthetic dataset's pretrain split)")
+    images, labels = _train_subset(pretrain.train, cfg.max_train_per_class)
+    factors = pretrain.info.get("factors") if cfg.factor_loss > 0 else None
+    heads = nn.ModuleList([nn.Linear(vit.embed_dim, pretrain.num_classes)])
+    if factors is not None:
+        factors = torch.as_tensor(np.asarray(factors), dtype=torch.long)      # (classes, n_factors)
+        heads.extend(nn.Linear(vit.embed_dim, int(n)) for n in factors.max(0).values + 1)
+    vit.to(device).train()
+    heads.to(device)
+    params = list(vit.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(len(labels) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.epochs * steps_per_epoch, cfg.warmup_frac))
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="pretrain tiny ViT", disable=not progress, unit="step")
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(labels), generator=gen)
+        for lo in range(0, len(labels), cfg.batch_size):
+            idx = perm[lo:lo + cfg.batch_size]
+            x = _random_shift(images[idx].float().div_(255), cfg.shift, gen)
+            y = labels[idx].to(device)
+            feats = vit(pre.normalise(x.to(device)))
+            loss = F.cross_entropy(heads[0](feats), y)
+            if factors is not None:
+                fy = factors.to(device)[y]
+                loss = loss + cfg.factor_loss * sum(F.cross_entropy(h(feats), fy[:, j])
+                                                    for j, h in enumerate(heads[1:])) / len(heads[1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    vit.eval()
+    tail = losses[-steps_per_epoch:]
+    return {"train_seconds": seconds, "images_per_second": cfg.epochs * len(labels) / seconds,
+            "train_images": len(labels), "final_train_loss": float(np.mean(tail)),
+            "pretrain_test_accuracy": _head_accuracy(vit, heads[0], pretrain.test, pre, device)}
+
+
+@torch.no_grad()
+def _head_accuracy(vit: VisionTransformer, head: nn.Module, source: ImageSource, pre: Preprocess,
+                   device: torch.device) -> float:
+    feats = extract_features(vit, source, pre, device)
+    return (head.cpu()(feats).argmax(1) == torch.as_tensor(source.labels)).float().mean().item()
+
+
+def _cache_paths(cache_dir: Path, dataset: Dataset, cfg: PretrainConfig, seed: int) -> tuple[Path, Path, str]:
+    spec = {"version": PRETRAIN_VERSION, "dataset": dataset.fingerprint, "config": asdict(cfg), "seed": seed}
+    key = sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    stem = cache_dir / "tiny_vit" / f"tiny_vit-{key}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json"), key
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(weights: Path, report_path: Path, cfg: PretrainConfig) -> tuple[VisionTransformer, dict] | None:
+    """The cached model and report, or None when missing or unreadable (it is then retrained)."""
+    if not (weights.is_file() and report_path.is_file()):
+        return None
+    try:
+        report = json.loads(report_path.read_text())
+        vit = build_tiny_vit(**cfg.arch())
+        vit.load_state_dict(load_file(str(weights)))
+    except Exception:  # a truncated or foreign file: retrain rather than fail
+        return None
+    return vit.eval(), report
+
+
+def pretrain_tiny_vit(dataset: Dataset, cache_dir: str | Path | None = None, seed: int = 0,
+                      epochs: int | None = None, progress: bool = True, force: bool = False,
+                      config: PretrainConfig | None = None, device: torch.device | str = "cpu",
+                      probe: bool = True) -> tuple[VisionTransformer, dict]:
+    """Pretrain the tiny ViT on ``dataset.pretrain`` (cached); returns ``(vit in eval mode, report)``.
+
+    ``epochs`` overrides ``config.epochs``. With ``probe`` the report holds :func:`linear_probe` accuracies on
+    the FCL classes of the pretrained model and of the same architecture at its (seeded) random init.
+    """
+    if dataset.pretrain is None:
+        raise ValueError(f"dataset {dataset.name!r} has no pretraining classes; use the 'synthetic' dataset")
+    cfg = config or PretrainConfig()
+    if epochs is not None:
+        cfg = replace(cfg, epochs=epochs)
+    if cfg.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    weights, report_path, key = _cache_paths(Path(cache_dir) if cache_dir else default_cache_dir(), dataset, cfg,
+                                             seed)
+    cached = None if force else _load_cached(weights, report_path, cfg)
+    if cached is not None:
+        return cached
+    device = torch.device(device)
+    pre = Preprocess(**{**TINY_VIT_CONFIG, "input_size": dataset.native_size or TINY_VIT_CONFIG["input_size"]})
+    with _deterministic(seed):
+        vit = build_tiny_vit(**cfg.arch(), img_size=pre.input_size).to(device)
+        t0 = time.perf_counter()
+        random_probe = linear_probe(vit, dataset, pre, device) if probe else None
+        probe_seconds = time.perf_counter() - t0
+        stats = _fit(vit, dataset.pretrain, cfg, seed, pre, device, progress)
+        t0 = time.perf_counter()
+        pretrained_probe = linear_probe(vit, dataset, pre, device) if probe else None
+        probe_seconds += time.perf_counter() - t0
+    vit = vit.cpu().eval()
+    report = {"version": PRETRAIN_VERSION, "key": key, "dataset": dataset.name,
+              "dataset_fingerprint": dataset.fingerprint, "seed": seed, "config": asdict(cfg),
+              "epochs": cfg.epochs, **stats, "probe_accuracy_pretrained": pretrained_probe,
+              "probe_accuracy_random_init": random_probe, "probe_seconds": probe_seconds,
+              "device": device.type, "torch": torch.__version__}
+    state = {k: v.contiguous() for k, v in vit.state_dict().items()}
+    _atomic_write(weights, lambda p: save_file(state, p, metadata={"key": key}))
+    _atomic_write(report_path, lambda p: Path(p).write_text(json.dumps(report, indent=2)))
+    return vit, report
+
+
+def ensure_pretrained(dataset: Dataset | None = None, cache_dir: str | Path | None = None, seed: int = 0,
+                      device: torch.device | str = "cpu", progress: bool = True) -> tuple[VisionTransformer, dict]:
+    """The default offline foundation model: cached if present, else pretrained now (a few CPU minutes).
+
+    ``dataset`` defaults to the default synthetic dataset. Returns the ViT frozen (eval, no grad) on
+    ``device`` and its pretraining report.
+    """
+    if dataset is None:
+        from fcl_bench.datasets.synthetic import load_synthetic
+
+        dataset = load_synthetic(root=Path(cache_dir) / "synthetic" if cache_dir else None)
+    vit, report = pretrain_tiny_vit(dataset, cache_dir=cache_dir, seed=seed, progress=progress, device=device)
+    return vit.requires_grad_(False).eval().to(device), report
