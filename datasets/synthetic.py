@@ -105,14 +105,17 @@ def class_factors(num_classes: int, pretrain_classes: int, rng: np.random.Genera
         for j, n in enumerate(FACTOR_SIZES):
             f[lo:hi, j] = rng.permutation(np.resize(np.arange(n), hi - lo))
     for _ in range(100_000):
-        _, first, counts = np.unique(f, axis=0, return_index=True, return_counts=True)
+        _, first = np.unique(f, axis=0, return_index=True)
         dup_rows = np.setdiff1d(np.arange(total), first)
         if len(dup_rows) == 0:
             return f
         row = int(dup_rows[0])
         lo, hi = groups[0] if row < num_classes else groups[1]
         other, col = int(rng.integers(lo, hi)), int(rng.integers(len(FACTOR_SIZES)))
-        f[[row, other], col] = f[[other, row], col]
+        if other == row:  # a group of one class has nobody to swap with: redraw the value
+            f[row, col] = rng.integers(FACTOR_SIZES[col])
+        else:
+            f[[row, other], col] = f[[other, row], col]
     raise RuntimeError("could not draw distinct class tuples")  # unreachable for sizes within the vocabulary
 
 

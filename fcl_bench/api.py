@@ -81,6 +81,7 @@ class Env:
     seed: int
     batch_size: int
     epochs: int
+    eval_batch_size: int = 256
     log: Callable[[str], None] = print
     _generators: dict[int, torch.Generator] = field(default_factory=dict)
 

@@ -224,3 +224,16 @@ def cap_per_class(ds: Dataset, train_per_class: int | None, test_per_class: int 
                    test=ds.test if te is None else SubsetSource(ds.test, te), classes=ds.classes,
                    fingerprint=fp, native_size=ds.native_size, pretrain=ds.pretrain,
                    info={**ds.info, "train_per_class": train_per_class, "test_per_class": test_per_class})
+
+
+def concat_views(views: Sequence[ClientData]) -> ClientData:
+    """One view over the samples of several views of the same source and split (e.g. a replay buffer
+    gathered over tasks). A client can only combine views it was given."""
+    if not views:
+        raise ValueError("concat_views needs at least one view")
+    first = views[0]
+    for v in views[1:]:
+        if v._source is not first._source or v.split != first.split:
+            raise ValueError("concat_views: views come from different sources or splits")
+    idx = np.concatenate([v.indices for v in views])
+    return ClientData(first._source, idx, first.split, first._pre, first._device)

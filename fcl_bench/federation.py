@@ -141,7 +141,7 @@ def build_env(ws: Workspace, method_cls: type[Method], log: Callable[[str], None
     return Env(scenario=_scenario_info(cfg, ws.scenario), device=ws.device, amp_dtype=amp,
                foundation=ws.foundation, features=ws.features, make_small_model=make_small,
                small_width=cfg.small_width, small_archs=archs, seed=cfg.seed, batch_size=cfg.batch_size,
-               epochs=cfg.epochs, log=log)
+               epochs=cfg.epochs, eval_batch_size=cfg.eval_batch_size, log=log)
 
 
 def _send(payload: Payload, who: str, device: torch.device) -> tuple[Payload, wire.Message]:
@@ -185,8 +185,8 @@ def run_method(method_cls: type[Method], method_cfg: Any, ws: Workspace, log: Ca
                 with acct.measure(c, t, first_round=(r == 0)) as m:
                     up = clients[c].train_round()
                 uploads[c], msg = _send(up, f"client {c} upload", ws.device)
-                tally.manifest[c] = {name: {"shape": list(shape), "dtype": dt, "bytes": nb}
-                                     for name, shape, dt, nb in msg.manifest} | tally.manifest.get(c, {})
+                tally.manifest[c] = tally.manifest.get(c, {}) | {  # latest shape of every name ever sent
+                    name: {"shape": list(shape), "dtype": dt, "bytes": nb} for name, shape, dt, nb in msg.manifest}
                 round_rows[c] = dict(task=t, round=r, client=c, phase="round", bytes_up=msg.nbytes, bytes_down=0,
                                      train_seconds=m.seconds, flops=m.flops, flops_measured=m.flops_measured,
                                      peak_memory_bytes=m.peak_memory_bytes, memory_kind=m.memory_kind,
