@@ -24,7 +24,8 @@ Each round (Algorithm 1):
 Choices the paper leaves open (Config defaults): lambda_E = lambda_W = 1; O2D lambda = 1; LoRA rank 4
 with alpha = rank (scale 1); block 3 (the paper's most stable, Fig. 3); qkv target; Adam state reset at
 each task (the head grows); ``env.epochs`` local epochs of each stage per round; the buffer selection is
-an extra no-grad pass over the current task's data after each round. Ablations (Table 2): ``collab=False``
+an extra no-grad pass over the current task's data after each round; Stage 2 runs the small model's
+BatchNorm layers in eval mode (running statistics frozen), so E and E' are computed alike. Ablations (Table 2): ``collab=False``
 (the small model classifies alone: CNN -> head, no ViT, FedAvg of the small models, so they must share an
 arch), ``continual_finetune=False`` (no Stage 2), ``aggregation`` = o2d | fedavg (one n_k-weighted average
 generator for everyone; no feature set uploaded) | none (no communication after training).
@@ -157,6 +158,9 @@ class FedLSCLClient(Client):
                 self._step(loss)
         if self.cfg.continual_finetune and self.old is not None and self.buffers:   # Stage 2
             old_buffer = concat_views(self.buffers)
+            # BatchNorm in eval mode: E is then computed exactly as E' (frozen running statistics), so
+            # Eq. 4 compares like with like instead of batch statistics of a small buffer batch
+            _batchnorm_eval(self.theta)
             for _ in range(env.epochs):
                 for batch in old_buffer.batches(env.batch_size, shuffle=True, generator=g):
                     with env.autocast():
@@ -262,6 +266,12 @@ class FedLSCLServer(Server):
         out = o2d_gradient(_linear(*student), [(_linear(uploads[j]["phi.weight"], uploads[j]["phi.bias"]),
                                                 uploads[j]["fs"]) for j in others], lam, steps=self.cfg.o2d_steps)
         return {"phi.weight": out.weight.detach(), "phi.bias": out.bias.detach()}
+
+
+def _batchnorm_eval(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def _linear(W: torch.Tensor, b: torch.Tensor) -> nn.Linear:

@@ -293,6 +293,22 @@ def test_forward_with_prompts_is_per_sample() -> None:
         forward_with_prompts(vit, tokens, prefixes={DEPTH: pool.gather(idx)[0]})
 
 
+def test_float32_adapters_run_on_a_bfloat16_model() -> None:
+    """Trainable adapters stay float32 while the frozen model may be bf16: no dtype errors, close output."""
+    vits = {dt: make_vit(dtype=dt) for dt in (torch.float32, torch.bfloat16)}
+    ppool, xpool = PromptPool(3, 2, D), PrefixPool(3, (0, 2), 2, D)
+    A, B = 0.1 * torch.randn(2, D, 2), 0.1 * torch.randn(2, 2, 3 * D)
+    outs = {}
+    for dt, vit in vits.items():
+        tokens = embed(vit, images(2, dtype=dt))
+        out = forward_with_prompts(vit, tokens, prompts=ppool.gather(torch.tensor([[0], [2]])),
+                                   prefixes=xpool.gather(torch.tensor([1, 2])))
+        cls = adapted_forward(vit, run_blocks(vit, tokens, 0, 1), 1, A, B, 1.0)
+        assert out.dtype == cls.dtype == dt
+        outs[dt] = torch.cat([out[:, 0], cls], dim=1).float()
+    torch.testing.assert_close(outs[torch.bfloat16], outs[torch.float32], atol=0.1, rtol=0.02)
+
+
 # --- the shared frozen model stays untouched ------------------------------------------------------------
 
 def test_frozen_model_is_never_modified_and_gets_no_grads() -> None:

@@ -82,8 +82,11 @@ def expand_to_qkv(delta: Tensor, target: LoRATarget) -> Tensor:
 
 
 def lora_qkv_delta(y: Tensor, A: Tensor, B: Tensor, scale: float, target: LoRATarget) -> Tensor:
-    """Per-sample LoRA change of a qkv projection with input ``y`` ``(B, N, d)`` -> ``(B, N, 3d)``."""
-    return expand_to_qkv(per_sample_lora_delta(y, A, B, scale), target)
+    """Per-sample LoRA change of a qkv projection with input ``y`` ``(B, N, d)`` -> ``(B, N, 3d)``.
+
+    The factors are cast to ``y``'s dtype, so float32 factors work with a half-precision model.
+    """
+    return expand_to_qkv(per_sample_lora_delta(y, A.to(y.dtype), B.to(y.dtype), scale), target)
 
 
 class LoRAGenerator(nn.Module):
@@ -117,6 +120,15 @@ class LoRAGenerator(nn.Module):
         return a, b
 
 
+def _check_args(vit: nn.Module, block_idx: int, target: str) -> int:
+    """Validate the adapted block and target; return the ViT's depth."""
+    check_target(target)
+    depth = len(vit.blocks)
+    if not 0 <= block_idx < depth:
+        raise ValueError(f"block_idx must be in [0, {depth}) for this ViT, got {block_idx}")
+    return depth
+
+
 def adapted_forward(
         vit: nn.Module,
         h_in: Tensor,
@@ -135,10 +147,7 @@ def adapted_forward(
         scale: LoRA scale (``alpha / r``).
         target: ``"qkv"`` or ``"qv"``.
     """
-    check_target(target)
-    depth = len(vit.blocks)
-    if not 0 <= block_idx < depth:
-        raise ValueError(f"block_idx must be in [0, {depth}) for this ViT, got {block_idx}")
+    depth = _check_args(vit, block_idx, target)
     h = block_forward(vit.blocks[block_idx], h_in, qkv_delta=lambda y: lora_qkv_delta(y, A, B, scale, target))
     return final_cls(vit, run_blocks(vit, h, block_idx + 1, depth))
 
@@ -158,15 +167,18 @@ def reference_lora_loop(
     ``Block.forward`` (via ``functional_call`` on a private copy of the block), so it shares no code with
     the batched path.
     """
-    check_target(target)
+    depth = _check_args(vit, block_idx, target)
     block = copy.deepcopy(vit.blocks[block_idx])
     weight = block.attn.qkv.weight
     feats = []
     for i in range(h_in.shape[0]):
-        update = expand_to_qkv((A[i] @ B[i]).unsqueeze(0), target)[0] * scale  # (d, 3d)
+        update = scale * A[i] @ B[i]  # (d, out)
+        if target == "qv":
+            zeros_k = update.new_zeros(update.shape[0], update.shape[1] // 2)
+            update = torch.cat([update[:, :zeros_k.shape[1]], zeros_k, update[:, zeros_k.shape[1]:]], dim=1)
         merged = {"attn.qkv.weight": weight + update.T}
         h = functional_call(block, merged, (h_in[i:i + 1],))
-        feats.append(final_cls(vit, run_blocks(vit, h, block_idx + 1, len(vit.blocks))))
+        feats.append(final_cls(vit, run_blocks(vit, h, block_idx + 1, depth)))
     return torch.cat(feats)
 
 

@@ -193,7 +193,7 @@ def insert_prompts(vit: nn.Module, tokens: Tensor, prompts: Tensor) -> Tensor:
         raise ValueError(f"prompts must be ({tokens.shape[0]} or 1, P, {tokens.shape[2]}), "
                          f"got {tuple(prompts.shape)}")
     n_prefix = vit.num_prefix_tokens
-    prompts = vit.norm_pre(prompts.expand(tokens.shape[0], -1, -1))
+    prompts = vit.norm_pre(prompts.to(tokens.dtype).expand(tokens.shape[0], -1, -1))
     return torch.cat([tokens[:, :n_prefix], prompts, tokens[:, n_prefix:]], dim=1)
 
 

@@ -20,7 +20,10 @@ class SmallModel(nn.Module):
                              "Use any timm CNN name, e.g. resnet18, mobilenetv3_large_100") from None
         self.arch = arch
         self.width = width
-        self.proj = nn.Linear(self.backbone.num_features, width)
+        # timm models with a pre-logits stage (MobileNetV3's conv_head, VGG's ConvMlp) output
+        # head_hidden_size features rather than num_features
+        out = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.proj = nn.Linear(out, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.backbone(x))

@@ -128,14 +128,14 @@ def _attention(
         if delta.shape != qkv.shape:
             raise ValueError(f"qkv_delta must have the qkv output's shape {tuple(qkv.shape)}, "
                              f"got {tuple(delta.shape)}")
-        qkv = qkv + delta
+        qkv = qkv + delta.to(qkv.dtype)  # adapters may be float32 next to a bf16/fp16 model
     q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     if prefix_kv is not None and prefix_kv[0].shape[1] != prefix_kv[1].shape[1]:
         raise ValueError(f"prefix pk and pv need the same length, got {prefix_kv[0].shape[1]} and "
                          f"{prefix_kv[1].shape[1]}")
     if prefix_kv is not None and prefix_kv[0].shape[1] > 0:
-        pk, pv = (_split_heads(p, b, heads, head_dim, name) for p, name in zip(prefix_kv, ("pk", "pv")))
+        pk, pv = (_split_heads(p.to(k.dtype), b, heads, head_dim, name) for p, name in zip(prefix_kv, ("pk", "pv")))
         # Prefixes are free parameters in the head space: k_norm is applied to the input's keys only.
         k = torch.cat([pk, k], dim=2)
         v = torch.cat([pv, v], dim=2)

@@ -1,0 +1,181 @@
+"""Results -> the paper's tables and plots: ``fcl-bench report DIR [--out OUT]``.
+
+:func:`make_report` reads every run under a results folder (:func:`load_results`) and writes, under
+``OUT`` (default ``DIR/report``):
+
+* ``report.md``: all tables inline, the figures, failed runs with their reasons, scenario warnings;
+* ``tables/``: Table 1 (per-task accuracy), per-method variant tables (Table 2 format, whenever a method
+  ran under two or more labels), per-dataset summaries (both evaluation spaces, communication, compute,
+  time) as ``.md``, ``.csv`` (full precision: mean, std, n) and ``.tex`` (booktabs); ``runs.csv`` (one
+  row per run);
+* ``plots/``: accuracy vs task, final accuracy vs communication and vs client compute, accuracy-matrix
+  heatmaps, client-wise accuracy bars (Fig. 4) and, for every detected sweep, a sensitivity figure
+  (Figs. 3/5), each as PNG and PDF.
+
+Runs whose scenario hashes differ for the same (dataset, seed) are never mixed in one table: they are
+split into scenario groups (see :mod:`fcl_bench.report.tables`), each with its own files (suffix
+``-scenario<g>``), and the report starts with a warning listing the conflicting hashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import pandas as pd
+
+from fcl_bench.report.tables import (
+    ReportError,
+    Table,
+    failed_table,
+    find_sweeps,
+    frame_to_markdown,
+    load_results,
+    order_names,
+    runs_csv,
+    scenario_conflicts,
+    summary_table,
+    table1,
+    to_csv,
+    to_latex,
+    to_markdown,
+    variants_table,
+)
+
+__all__ = ["ReportError", "load_results", "make_report", "report_command", "write_report"]
+
+
+@dataclass
+class ReportFiles:
+    """What :func:`write_report` wrote."""
+
+    markdown: Path
+    tables: list[Path] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+def make_report(root: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report of the results under ``root`` to ``out`` (default ``root/report``); returns the
+    path of ``report.md``."""
+    return write_report(root, out).markdown
+
+
+def write_report(root: str | Path, out: str | Path | None = None) -> ReportFiles:
+    """:func:`make_report`, returning every file written."""
+    df = load_results(root)
+    out = Path(out) if out is not None else Path(root) / "report"
+    files = ReportFiles(markdown=out / "report.md")
+    done = df[df["state"].eq("completed")]
+    md = [f"# Results report: {Path(root).resolve()}\n",
+          f"{len(df)} runs: {len(done)} completed, {len(df) - len(done)} failed or unfinished. "
+          "Accuracies in %, mean ± sample std over seeds (`n` seeds per cell in the CSV files); the best "
+          "value of each column in bold. Tables use the client evaluation space unless they say otherwise.\n"]
+    md += _conflict_section(df)
+    groups = sorted(int(g) for g in done["group"].dropna().unique())
+    for g in groups:
+        suffix = "" if len(groups) == 1 else f"-scenario{g}"
+        if len(groups) > 1:
+            md.append(f"\n## Scenario group {g}\n")
+        md += _group_sections(done[done["group"] == g], out, suffix, files)
+    if not groups:
+        md.append("\nNo completed runs: no tables or plots.\n")
+    md += _failed_section(df)
+    tables_dir = out / "tables"
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    (tables_dir / "runs.csv").write_text(runs_csv(df))
+    files.tables.append(tables_dir / "runs.csv")
+    files.markdown.write_text("\n".join(md))
+    return files
+
+
+def _conflict_section(df: pd.DataFrame) -> list[str]:
+    conflicts = scenario_conflicts(df)
+    if conflicts.empty:
+        return []
+    return ["\n> **Warning: different scenarios for the same (dataset, seed).** These runs did not see the "
+            "same data split, so their numbers are not comparable. They are reported in separate scenario "
+            "groups below; re-run with one protocol to compare them.\n",
+            frame_to_markdown(conflicts)]
+
+
+def _group_sections(df: pd.DataFrame, out: Path, suffix: str, files: ReportFiles) -> list[str]:
+    from fcl_bench.report import plots
+
+    styles = plots.palette(order_names(df))
+    md = ["\n## Table 1: task-wise accuracy\n"]
+    md += _emit(table1(df), out, f"table1{suffix}", files)
+    for method in dict.fromkeys(df["method"]):
+        t = variants_table(df, method)
+        if t is not None:
+            md.append(f"\n## Variants of {method} (Table 2 format)\n")
+            md += _emit(t, out, f"variants-{method}{suffix}", files)
+    for d in sorted(df["dataset"].unique()):
+        md.append(f"\n## Summary: {d}\n")
+        md += _emit(summary_table(df, d), out, f"summary-{d}{suffix}", files)
+    md.append("\n## Figures\n")
+    figs = [("Accuracy after each task", plots.acc_vs_task(df, styles, out / "plots" / f"acc_vs_task{suffix}"))]
+    figs.append(("Final accuracy vs communication", plots.acc_vs_cost(
+        df, styles, out / "plots" / f"acc_vs_comm{suffix}", "mb_per_client", "MB per client (up + down), log")))
+    figs.append(_compute_figure(df, styles, out, suffix))
+    for d in sorted(df["dataset"].unique()):
+        figs.append((f"Accuracy matrices ({d})", plots.heatmaps(df, out / "plots" / f"heatmaps-{d}{suffix}", d)))
+    figs.append(("Client-wise final accuracy (Fig. 4 style)",
+                 plots.client_bars(df, styles, out / "plots" / f"client_acc{suffix}")))
+    for s in find_sweeps(df):
+        figs.append((f"Sensitivity of {s.method} to {s.key} (Figs. 3/5 style)",
+                     plots.sensitivity(df, s, out / "plots" / f"sensitivity-{s.method}-{s.key}{suffix}")))
+    for title, paths in figs:
+        files.plots += paths
+        md.append(f"### {title}\n\n![{title}](plots/{paths[0].name})\n")
+    return md
+
+
+def _compute_figure(df: pd.DataFrame, styles: dict, out: Path, suffix: str) -> tuple[str, list[Path]]:
+    """Final accuracy vs client TFLOPs, or vs client training seconds when FLOPs were not counted."""
+    from fcl_bench.report import plots
+
+    path = out / "plots" / f"acc_vs_compute{suffix}"
+    if df["tflops_per_client"].notna().all():
+        return "Final accuracy vs client compute", plots.acc_vs_cost(
+            df, styles, path, "tflops_per_client", "client TFLOPs per client, log")
+    df = df.assign(train_s_per_client=[m["client_train_seconds"] / k for m, k in zip(df["metrics"], df["clients"])])
+    return "Final accuracy vs client training time (FLOPs not counted for some runs)", plots.acc_vs_cost(
+        df, styles, path, "train_s_per_client", "client training seconds per client, log")
+
+
+def _emit(t: Table, out: Path, stem: str, files: ReportFiles) -> list[str]:
+    d = out / "tables"
+    d.mkdir(parents=True, exist_ok=True)
+    for ext, text in (("md", to_markdown(t)), ("csv", to_csv(t)), ("tex", to_latex(t, label=f"tab:{stem}"))):
+        (d / f"{stem}.{ext}").write_text(text)
+        files.tables.append(d / f"{stem}.{ext}")
+    return [f"{t.title}.\n", to_markdown(t), f"Files: `tables/{stem}.md`, `.csv`, `.tex`.\n"]
+
+
+def _failed_section(df: pd.DataFrame) -> list[str]:
+    bad = failed_table(df)
+    if bad.empty:
+        return ["\n## Failed runs\n\nNone.\n"]
+    return [f"\n## Failed runs ({len(bad)})\n\nNot in any table or figure; their logs are in `<path>/log.txt`.\n",
+            frame_to_markdown(bad)]
+
+
+@click.command("report")
+@click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="output folder (default: RESULTS_DIR/report)")
+def report_command(results_dir: str, out: str | None) -> None:
+    """Tables (Markdown, CSV, LaTeX) and plots (PNG, PDF) of the runs under RESULTS_DIR."""
+    try:
+        files = write_report(results_dir, out)
+    except ReportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"report:  {files.markdown}")
+    click.echo(f"tables:  {len(files.tables)} files in {files.markdown.parent / 'tables'}")
+    for p in files.tables:
+        click.echo(f"  {p.name}")
+    click.echo(f"plots:   {len(files.plots)} files in {files.markdown.parent / 'plots'}")
+    for p in files.plots:
+        if p.suffix == ".png":
+            click.echo(f"  {p.stem}.png/.pdf")

@@ -1,0 +1,209 @@
+"""Fed-LSCL: O2D solvers, cached vs uncached forward, Stage 2, uploads on the wire, heterogeneous clients."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from fcl_bench.api import Task
+from fcl_bench.config import preset
+from fcl_bench.data import ClientData
+from fcl_bench.federation import Workspace, build_env, run_method
+from fcl_bench.methods.fedlscl import FedLSCL, FedLSCLConfig
+from fcl_bench.nn.o2d import o2d_closed_form, o2d_gradient
+
+
+def _smoke_cfg(**kw):
+    return dataclasses.replace(preset("smoke"), foundation_pretrained=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def ws():
+    return Workspace.create(_smoke_cfg(), progress=False)
+
+
+def _env(ws):
+    return build_env(ws, FedLSCL, lambda s: None, progress=False)
+
+
+# -- One-by-One Distillation -------------------------------------------------------------------------
+
+def _problem(seed=0, k=3, e=6, m=5, n=40):
+    g = torch.Generator().manual_seed(seed)
+    gens = [(torch.randn(m, e, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64))
+            for _ in range(k)]
+    feats = [torch.randn(n + 3 * j, e, generator=g, dtype=torch.float64) for j in range(k)]
+    return gens, feats
+
+
+def _lin(W, b):
+    lin = nn.Linear(W.shape[1], W.shape[0]).double()
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(b)
+    return lin
+
+
+@pytest.mark.parametrize("lam", [0.05, 1.0, 10.0])
+def test_o2d_closed_form_matches_gradient_solver(lam):
+    gens, feats = _problem()
+    teachers = [(gens[j][0], gens[j][1], feats[j]) for j in (1, 2)]
+    W, b = o2d_closed_form(gens[0], teachers, lam)
+    out = o2d_gradient(_lin(*gens[0]), [(_lin(*gens[j]), feats[j]) for j in (1, 2)], lam, steps=500)
+    torch.testing.assert_close(out.weight.detach(), W, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.bias.detach(), b, atol=1e-6, rtol=1e-6)
+    # and the solution is a stationary point: moving away increases the objective
+    def objective(W_, b_):
+        data = sum((((X @ W_.T + b_) - (X @ Wj.T + bj)) ** 2).sum(1).mean() for Wj, bj, X in teachers)
+        return data + lam * (((W_ - gens[0][0]) ** 2).sum() + ((b_ - gens[0][1]) ** 2).sum())
+    base = objective(W, b)
+    for _ in range(5):
+        assert objective(W + 1e-3 * torch.randn_like(W), b) > base
+
+
+def test_o2d_huge_lambda_returns_student():
+    gens, feats = _problem(1)
+    W, b = o2d_closed_form(gens[0], [(gens[j][0], gens[j][1], feats[j]) for j in (1, 2)], 1e12)
+    torch.testing.assert_close(W, gens[0][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(b, gens[0][1], atol=1e-6, rtol=0)
+
+
+def test_o2d_identical_teachers_lambda_zero_returns_teacher():
+    gens, feats = _problem(2, e=4, n=50)
+    teacher = gens[1]
+    W, b = o2d_closed_form(gens[0], [(teacher[0], teacher[1], feats[1]), (teacher[0], teacher[1], feats[2])], 0.0)
+    torch.testing.assert_close(W, teacher[0], atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(b, teacher[1], atol=1e-8, rtol=1e-8)
+
+
+def test_o2d_without_teachers_keeps_student():
+    gens, _ = _problem(3)
+    W, b = o2d_closed_form(gens[0], [], 1.0)
+    assert torch.equal(W, gens[0][0]) and torch.equal(b, gens[0][1])
+
+
+# -- forward passes ----------------------------------------------------------------------------------
+
+def _task(ws, client, t):
+    sc = ws.scenario
+    data = ClientData(ws.dataset.train, sc.train_indices[client][t], "train", ws.foundation.preprocess, ws.device)
+    return Task(index=t, classes=list(sc.client_tasks[client][t]), seen_classes=sc.seen_classes(client, t), train=data)
+
+
+def test_cached_and_uncached_forward_equal(ws):
+    env = _env(ws)
+    torch.manual_seed(0)
+    method = FedLSCL(FedLSCLConfig(), env)
+    c = method.client(0)
+    c.start_task(_task(ws, 0, 0))
+    with torch.no_grad():  # make B non-zero so the adapted block really differs from the frozen one
+        c.phi.linear.weight.normal_(0, 0.05)
+    batch = next(c.task.train.batches(8))
+    c.cfg = dataclasses.replace(c.cfg, prefix_cache=True)
+    cached = c.predict(batch)
+    c.cfg = dataclasses.replace(c.cfg, prefix_cache=False)
+    uncached = c.predict(batch)
+    own = c.head.classes
+    torch.testing.assert_close(cached[:, own], uncached[:, own], atol=1e-5, rtol=1e-5)
+    # the prefix cache also equals the model's own prefix pass
+    torch.testing.assert_close(env.features.prefix(batch, 3), env.foundation.prefix(batch.x, 3))
+
+
+def test_adapted_vit_equals_frozen_at_init(ws):
+    env = _env(ws)
+    method = FedLSCL(FedLSCLConfig(), env)
+    c = method.client(1)
+    c.start_task(_task(ws, 1, 0))
+    batch = next(c.task.train.batches(6))
+    E = c.theta(batch.x)
+    A, B = c.phi(E)
+    assert torch.count_nonzero(B) == 0 and torch.count_nonzero(A) > 0
+    from fcl_bench.nn.lora import adapted_forward
+    feat = adapted_forward(env.foundation.vit, env.features.prefix(batch, 3), 3, A, B, 1.0)
+    torch.testing.assert_close(feat, env.foundation.cls(batch.x), atol=1e-5, rtol=1e-5)
+
+
+# -- Stage 2 -----------------------------------------------------------------------------------------
+
+def _drift_after_two_tasks(ws, continual: bool) -> float:
+    env = _env(ws)
+    torch.manual_seed(0)
+    cfg = FedLSCLConfig(aggregation="none", continual_finetune=continual, lambda_e=10.0, lambda_w=10.0,
+                        buffer_per_class=8)
+    c = FedLSCL(cfg, env).client(0)
+    env.epochs = 3
+    c.start_task(_task(ws, 0, 0))
+    c.train_round()
+    c.end_task()
+    old_theta = c.old[0]
+    buffer = c.buffers[0]
+    c.start_task(_task(ws, 0, 1))
+    c.train_round()
+    with torch.no_grad():
+        batch = buffer.batch(np.arange(len(buffer)))
+        c.theta.eval()
+        return float(((c.theta(batch.x) - old_theta(batch.x)) ** 2).sum(1).mean())
+
+
+def test_stage2_keeps_old_features_closer(ws):
+    with_stage2 = _drift_after_two_tasks(ws, True)
+    without = _drift_after_two_tasks(ws, False)
+    assert with_stage2 < 0.7 * without, (with_stage2, without)
+
+
+# -- end to end --------------------------------------------------------------------------------------
+
+def test_smoke_heterogeneous_uploads_are_phi_and_fs_only():
+    cfg = _smoke_cfg(small_models=["resnet18", "mobilenetv3_large_100"])
+    ws_h = Workspace.create(cfg, progress=False)
+    res = run_method(FedLSCL, FedLSCLConfig(buffer_per_class=4), ws_h, log=lambda s: None, progress=False,
+                     flops="off")
+    assert len(res.metrics["acc"]) == cfg.tasks
+    uploads = res.metrics["wire"]["client_uploads"]
+    for c, manifest in uploads.items():
+        assert set(manifest) == {"phi.weight", "phi.bias", "fs", "__num_samples__"}, manifest
+        assert manifest["fs"]["shape"][1] == cfg.small_width
+    rounds = res.rounds[res.rounds.phase == "round"]
+    d = ws_h.foundation.embed_dim
+    m = d * 4 + 4 * 3 * d
+    for _, row in rounds.iterrows():
+        n_seen = len(ws_h.scenario.seen_classes(int(row.client), int(row.task)))
+        # the buffer holds min(M, class size) samples per seen class
+        labels = ws_h.dataset.train.labels
+        sizes = [min(4, int(np.isin(ws_h.scenario.train_indices[int(row.client)][t], np.flatnonzero(labels == k)).sum()))
+                 for t in range(int(row.task) + 1) for k in ws_h.scenario.client_tasks[int(row.client)][t]]
+        assert len(sizes) == n_seen
+        expected = len(st_save({"phi.weight": torch.zeros(m, cfg.small_width), "phi.bias": torch.zeros(m),
+                                "fs": torch.zeros(sum(sizes), cfg.small_width),
+                                "__num_samples__": torch.zeros(1, dtype=torch.int64)}))
+        assert row.bytes_up == expected
+        expected_down = len(st_save({"phi.weight": torch.zeros(m, cfg.small_width), "phi.bias": torch.zeros(m)}))
+        assert row.bytes_down == expected_down
+
+
+def test_collab_off_requires_one_arch(ws):
+    cfg = _smoke_cfg(small_models=["resnet10t", "mobilenetv3_small_050"])
+    ws2 = dataclasses.replace(ws, cfg=cfg)
+    env = build_env(ws2, FedLSCL, lambda s: None, progress=False)
+    with pytest.raises(ValueError, match="same"):
+        FedLSCL(FedLSCLConfig(collab=False), env)
+
+
+@pytest.mark.parametrize("over", [dict(collab=False), dict(continual_finetune=False), dict(aggregation="fedavg"),
+                                  dict(aggregation="none"), dict(target="qv", block=0),
+                                  dict(o2d_solver="gradient", o2d_steps=5)])
+def test_ablation_switches_run(ws, over):
+    res = run_method(FedLSCL, FedLSCLConfig(buffer_per_class=2, **over), ws, log=lambda s: None, progress=False,
+                     flops="off")
+    assert 0.0 <= res.metrics["final_acc"] <= 1.0
+    names = set().union(*[set(m) for m in res.metrics["wire"]["client_uploads"].values()])
+    assert not any(n.startswith(("head", "vit", "blocks")) for n in names)
+    if over.get("aggregation") == "none":
+        assert res.metrics["bytes_up"] == 0
+    if over.get("collab") is False:
+        assert all(n.startswith("theta.") or n == "__num_samples__" for n in names)

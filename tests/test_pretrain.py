@@ -1,0 +1,111 @@
+"""The tiny ViT, its pretraining cache and the linear probe (tiny configs; the full calibration is
+``python -m fcl_bench.nn.pretrain``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fcl_bench.data import Dataset, ImageSource, Preprocess
+from fcl_bench.datasets.synthetic import load_synthetic
+from fcl_bench.nn import pretrain
+from fcl_bench.nn.pretrain import PretrainConfig, fit_linear_classifier, linear_probe, pretrain_tiny_vit
+from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG, build_tiny_vit
+
+TINY_CFG = PretrainConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2, epochs=1, batch_size=16)
+REPORT_KEYS = {"version", "key", "dataset_fingerprint", "seed", "config", "epochs", "train_seconds",
+               "images_per_second", "final_train_loss", "pretrain_test_accuracy", "probe_accuracy_pretrained",
+               "probe_accuracy_random_init"}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return load_synthetic(root=tmp_path_factory.mktemp("synthetic"), num_classes=6, train_per_class=6,
+                          test_per_class=3, pretrain_classes=6, pretrain_train_per_class=8,
+                          pretrain_test_per_class=2)
+
+
+def test_tiny_vit_returns_final_norm_cls_feature():
+    vit = build_tiny_vit(patch_size=8, embed_dim=48, depth=4, num_heads=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)                       # (B, 1 + 16, D), after the final norm
+        assert torch.allclose(vit(x), tokens[:, 0])
+    assert tokens.shape == (2, 17, 48) and len(vit.blocks) == 4 and vit.num_classes == 0
+    assert Preprocess(**TINY_VIT_CONFIG).input_size == 32
+
+
+@pytest.mark.parametrize("kwargs", [{"patch_size": 5}, {"embed_dim": 100, "num_heads": 3}, {"depth": 0}])
+def test_tiny_vit_rejects_bad_shapes(kwargs):
+    with pytest.raises(ValueError):
+        build_tiny_vit(**kwargs)
+
+
+def test_linear_classifier_separates_blobs_and_folds_standardisation():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 8, generator=gen) * 4
+    y = torch.arange(500) % 5
+    x = centres[y] + torch.randn(500, 8, generator=gen) + 100   # offset: standardisation must be folded in
+    layer = fit_linear_classifier(x[:400], y[:400], 5)
+    assert (layer(x[400:]).argmax(1) == y[400:]).float().mean() > 0.95
+    again = fit_linear_classifier(x[:400], y[:400], 5)
+    assert torch.equal(layer.weight, again.weight)              # full-batch L-BFGS from zeros: deterministic
+
+
+def test_pretrain_cache_round_trip_and_report(tiny_data, tmp_path, monkeypatch):
+    vit, report = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=TINY_CFG, progress=False)
+    assert REPORT_KEYS <= report.keys() and report["epochs"] == 1
+    assert 0 <= report["probe_accuracy_pretrained"] <= 1 and 0 <= report["probe_accuracy_random_init"] <= 1
+    assert np.isfinite(report["final_train_loss"])
+    (weights,) = (tmp_path / "tiny_vit").glob("*.safetensors")
+    assert json.loads(weights.with_suffix(".json").read_text()) == report
+
+    monkeypatch.setattr(pretrain, "_fit", lambda *a, **k: pytest.fail("the cached model was not used"))
+    cached, cached_report = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=TINY_CFG, progress=False)
+    assert cached_report == report
+    for (name, a), (_, b) in zip(vit.state_dict().items(), cached.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_pretraining_is_deterministic_and_keyed_by_seed(tiny_data, tmp_path):
+    cfg = TINY_CFG
+    a, _ = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path / "a", config=cfg, progress=False, probe=False)
+    b, _ = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path / "b", config=cfg, progress=False, probe=False)
+    c, _ = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path / "a", config=cfg, seed=1, progress=False,
+                             probe=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.pos_embed, c.pos_embed)
+    assert len(list((tmp_path / "a" / "tiny_vit").glob("*.safetensors"))) == 2
+
+
+class _Forbidden(ImageSource):
+    """A split that fails on any read: pretraining must never touch the FCL classes."""
+
+    def __init__(self, n: int):
+        self.labels = np.zeros(n, dtype=np.int64)
+
+    def load(self, indices, pre, device="cpu"):
+        raise AssertionError("pretraining read an FCL image")
+
+
+def test_pretraining_reads_only_the_pretrain_classes(tiny_data, tmp_path):
+    guarded = Dataset(name="guarded", train=_Forbidden(len(tiny_data.train)), test=_Forbidden(len(tiny_data.test)),
+                      classes=tiny_data.classes, fingerprint="guarded", pretrain=tiny_data.pretrain)
+    vit, report = pretrain_tiny_vit(guarded, cache_dir=tmp_path, config=TINY_CFG, progress=False, probe=False)
+    assert report["probe_accuracy_pretrained"] is None and vit.num_classes == 0
+
+
+def test_linear_probe_is_an_accuracy(tiny_data):
+    torch.manual_seed(0)
+    acc = linear_probe(build_tiny_vit(embed_dim=32, depth=2, num_heads=2), tiny_data, Preprocess(**TINY_VIT_CONFIG))
+    assert 0.0 <= acc <= 1.0 and acc * len(tiny_data.test) == pytest.approx(round(acc * len(tiny_data.test)))
+
+
+def test_dataset_without_pretraining_classes_is_a_clear_error(tiny_data, tmp_path):
+    plain = Dataset(name="plain", train=tiny_data.train, test=tiny_data.test, classes=tiny_data.classes,
+                    fingerprint="x")
+    with pytest.raises(ValueError, match="no pretraining classes"):
+        pretrain_tiny_vit(plain, cache_dir=tmp_path, config=TINY_CFG, progress=False)
