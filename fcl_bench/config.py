@@ -3,6 +3,8 @@
 ``-o clients=3`` sets a run-config field; ``-o fedlscl.rank=8`` sets a field of a method's ``Config``.
 Values are parsed by the field's declared type (bool accepts true/false/1/0/yes/no only; lists are
 comma-separated); unknown keys and unparsable values are :class:`ConfigError` listing the valid keys.
+A config class may define ``validate()`` (raising :class:`ConfigError`): :func:`apply_overrides` calls it on
+the result, so a broken combination is reported before anything runs.
 """
 
 from __future__ import annotations
@@ -57,6 +59,29 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first broken rule that needs no data to check (the protocol's
+        counts, positive sizes, a registered dataset). ``clients * private + public <= classes in the
+        dataset`` needs the dataset and is checked when the scenario is built."""
+        from fcl_bench.datasets import available_datasets
+        from fcl_bench.scenario import ScenarioError, ScenarioSpec
+
+        try:
+            ScenarioSpec(clients=self.clients, private=self.private, public=self.public, tasks=self.tasks,
+                         classes_per_task=self.classes_per_task, alpha=self.alpha, seed=self.seed).validate()
+        except ScenarioError as e:
+            raise ConfigError(str(e)) from None
+        for name in ("rounds_per_task", "epochs", "batch_size", "eval_batch_size", "small_width"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_per_class", "test_per_class"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 or none (all samples), got {getattr(self, name)}")
+        if not self.small_models:
+            raise ConfigError("small_models is empty; give at least one timm CNN name, e.g. -o small_models=resnet18")
+        if self.dataset.strip().lower() not in available_datasets():
+            raise ConfigError(f"unknown dataset '{self.dataset}'; available datasets: {', '.join(available_datasets())}")
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds: for tests and a first look
@@ -65,7 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   batch_size=32, train_per_class=16, test_per_class=8, alpha=1.0),
     # minutes on a laptop CPU for every method; the default of `fcl-bench run`
     "quick": dict(dataset="synthetic", foundation="tiny", small_models=["resnet10t"], small_width=128,
-                  clients=3, private=4, public=4, tasks=3, classes_per_task=4, rounds_per_task=2, epochs=1,
+                  clients=3, private=4, public=8, tasks=3, classes_per_task=4, rounds_per_task=2, epochs=1,
                   batch_size=32, train_per_class=80, test_per_class=40, alpha=0.5),
     # the paper's protocol (section 5.1): ViT-B/16 at 224, resnet18 clients, Adam lr 1e-3
     "paper-cifar100": dict(dataset="cifar100", foundation="vit_base_patch16_224.augreg_in21k_ft_in1k",
@@ -89,7 +114,9 @@ PAPER_SEEDS = (42, 1999, 2024)
 def preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'; valid presets: {', '.join(PRESETS)}")
-    return RunConfig(**PRESETS[name])
+    cfg = RunConfig(**PRESETS[name])
+    cfg.validate()
+    return cfg
 
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -129,7 +156,8 @@ def _parse(value: str, tp: Any, key: str) -> Any:
 
 
 def apply_overrides(obj: Any, overrides: dict[str, str], what: str) -> Any:
-    """Return a copy of dataclass ``obj`` with ``overrides`` (field -> string value) parsed and applied."""
+    """Return a copy of dataclass ``obj`` with ``overrides`` (field -> string value) parsed and applied, checked
+    by its ``validate()`` if it has one."""
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in fields(obj)]
     changes = {}
@@ -137,7 +165,11 @@ def apply_overrides(obj: Any, overrides: dict[str, str], what: str) -> Any:
         if key not in hints or key not in valid:
             raise ConfigError(f"unknown {what} key '{key}'; valid keys: {', '.join(valid)}")
         changes[key] = _parse(value, hints[key], f"{what}.{key}")
-    return dataclasses.replace(obj, **changes)
+    out = dataclasses.replace(obj, **changes)
+    validate = getattr(out, "validate", None)
+    if callable(validate):
+        validate()
+    return out
 
 
 def split_overrides(items: list[str] | tuple[str, ...]) -> tuple[dict[str, str], dict[str, dict[str, str]]]:

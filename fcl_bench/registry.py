@@ -10,6 +10,8 @@ import importlib
 import importlib.util
 import inspect
 import sys
+import traceback
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -24,6 +26,7 @@ class RegistryError(ValueError):
 
 
 _REGISTRY: dict[str, type[Method]] = {}
+_BROKEN: dict[str, str] = {}  # entry-point name -> why it did not load
 _LOADED = False
 
 
@@ -37,8 +40,11 @@ def register(cls: type[Method]) -> type[Method]:
     if "." in name or "," in name or "=" in name:
         raise RegistryError(f"method name '{name}' may not contain '.', ',' or '='")
     existing = _REGISTRY.get(name)
-    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
-        raise RegistryError(f"two methods are named '{name}': {existing.__module__} and {cls.__module__}")
+    # the same class loaded again (a plugin file imported twice) replaces itself; another class may not
+    same = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
+    if existing is not None and existing is not cls and not same:
+        raise RegistryError(f"two methods are named '{name}': {existing.__module__}.{existing.__qualname__} and "
+                            f"{cls.__module__}.{cls.__qualname__}; rename one")
     _REGISTRY[name] = cls
     return cls
 
@@ -55,20 +61,34 @@ def _load_builtins_and_plugins() -> None:
             if e.name != f"fcl_bench.methods.{mod}":
                 raise
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()
-        if inspect.isclass(obj) and issubclass(obj, Method):
-            register(obj)
-        elif inspect.ismodule(obj):
-            _register_module_methods(obj)
-        else:
-            raise RegistryError(f"entry point '{ep.name}' ({ep.value}) is neither a Method class nor a module")
+        try:
+            obj = ep.load()
+            if inspect.isclass(obj) and issubclass(obj, Method):
+                register(obj)
+            elif inspect.ismodule(obj):
+                _register_module_methods(obj)
+            else:
+                raise RegistryError("it is neither a fcl_bench.api.Method subclass nor a module")
+        except Exception as e:  # one broken plugin must not break every other method
+            dist = getattr(getattr(ep, "dist", None), "name", "?")
+            _BROKEN[ep.name] = (f"entry point '{ep.name}' = '{ep.value}' (package {dist}) failed to load: "
+                                f"{_describe(e)}")
+            warnings.warn(_BROKEN[ep.name], stacklevel=2)
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: message (at file:line)`` of the innermost frame, so a plugin author finds the line."""
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" (at {tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+    return f"{type(e).__name__}: {e}{where}"
 
 
 def _register_module_methods(module) -> list[str]:
     names = []
     for _, obj in inspect.getmembers(module, inspect.isclass):
+        # only classes that name themselves: a helper base class inherits its parent's name
         if issubclass(obj, Method) and obj is not Method and obj.__module__ == module.__name__ and \
-                isinstance(getattr(obj, "name", None), str):
+                isinstance(obj.__dict__.get("name"), str):
             register(obj)
             names.append(obj.name)
     return names
@@ -83,7 +103,11 @@ def load_plugin_file(path: str | Path) -> list[str]:
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[mod_name]
+        raise RegistryError(f"--plugin {path} failed to import: {_describe(e)}") from e
     names = _register_module_methods(module)
     if not names:
         raise RegistryError(f"--plugin {path}: defines no fcl_bench.api.Method subclass with a 'name'")
@@ -97,6 +121,8 @@ def available_methods() -> list[str]:
 
 def get_method(name: str) -> type[Method]:
     _load_builtins_and_plugins()
+    if name not in _REGISTRY and name in _BROKEN:
+        raise RegistryError(_BROKEN[name])
     if name not in _REGISTRY:
         raise RegistryError(f"unknown method '{name}'; valid methods: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]

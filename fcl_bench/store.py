@@ -13,8 +13,8 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,15 @@ import pandas as pd
 
 
 def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``: readers see
+    the old file or the new one, never half of it; a failed write leaves no temporary file behind."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    # os.open with 0666 lets the umask decide the mode, as for any file (mkstemp would force 0600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -93,7 +97,11 @@ class RunRecord:
 
 
 def find_runs(root: Path) -> list[RunRecord]:
+    """Every run folder (one holding a ``status.json``) under ``root``, sorted by path."""
     return [RunRecord(p.parent) for p in sorted(Path(root).rglob("status.json"))]
+
+
+_ID_COLUMNS = ("path", "state", "reason", "suite", "method", "label", "dataset", "seed")
 
 
 def load_runs(root: Path, include_failed: bool = True) -> pd.DataFrame:
@@ -106,9 +114,10 @@ def load_runs(root: Path, include_failed: bool = True) -> pd.DataFrame:
         cfg_p = rec.path / "config.json"
         if cfg_p.exists():
             cfg = read_json(cfg_p)
+            run = cfg.get("run") or {}
             row.update(suite=cfg.get("suite"), method=cfg.get("method"), label=cfg.get("label", cfg.get("method")),
-                       dataset=cfg["run"].get("dataset"), seed=cfg["run"].get("seed"),
-                       scenario_hash=cfg.get("scenario_hash"), run_config=cfg["run"],
+                       dataset=run.get("dataset"), seed=run.get("seed"),
+                       scenario_hash=cfg.get("scenario_hash"), run_config=run,
                        method_config=cfg.get("method_config"))
         if rec.is_complete():
             m = read_json(rec.path / "metrics.json")
@@ -121,4 +130,9 @@ def load_runs(root: Path, include_failed: bool = True) -> pd.DataFrame:
         elif not include_failed:
             continue
         rows.append(row)
-    return pd.DataFrame(rows)
+    # the identity columns exist even for an empty or config-less store, so filters never hit a KeyError
+    df = pd.DataFrame(rows)
+    for col in _ID_COLUMNS:
+        if col not in df:
+            df[col] = None
+    return df

@@ -33,13 +33,23 @@ def encode(payload: Mapping[str, torch.Tensor], who: str = "payload") -> Message
         raise WireError(f"{who}: a payload must be a dict of tensors, got {type(payload).__name__}")
     clean: dict[str, torch.Tensor] = {}
     manifest = []
+    storages: set[int] = set()
     for name, t in payload.items():
         if not isinstance(name, str):
             raise WireError(f"{who}: payload keys must be strings, got {name!r}")
         if not isinstance(t, torch.Tensor):
             raise WireError(f"{who}: '{name}' is a {type(t).__name__}; only tensors can cross the wire")
-        # detach + contiguous CPU copy: the receiver must never share storage with the sender
+        if t.layout != torch.strided or t.is_meta:
+            raise WireError(f"{who}: '{name}' is a {'meta' if t.is_meta else t.layout} tensor; only dense tensors "
+                            "with data can cross the wire (send .to_dense() or its indices and values)")
+        # the bytes are a copy, so the receiver never shares storage with the sender
         t = t.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory (a tensor sent under two names, a view of another):
+        # each name travels as its own copy, as it would over a network
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages and t.numel():
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
         clean[name] = t
         manifest.append((name, tuple(t.shape), str(t.dtype).replace("torch.", ""), t.numel() * t.element_size()))
     data = st_save(clean) if clean else b""

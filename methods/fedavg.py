@@ -3,7 +3,8 @@ linear head over all classes, n_k-weighted averaging of the trainable parameters
 
 Choices: the client trains with cross-entropy on its current task's data with logits restricted to the
 classes it has seen so far (unseen classes masked), Adam (lr 1e-3, the paper's protocol), ``env.epochs``
-local epochs per round. BatchNorm running statistics stay local (only trainable parameters are averaged).
+local epochs per round. Every client starts from the same initial weights (seeded by the run's seed), as if
+the server had broadcast w_0. BatchNorm running statistics stay local (only trainable parameters are averaged).
 All clients must use the same small-model arch.
 """
 
@@ -71,8 +72,12 @@ class FedAvgClient(Client):
 
     def __init__(self, cfg: FedAvgConfig, env: Env, client_id: int):
         self.cfg, self.env, self.id = cfg, env, client_id
-        self.model = Classifier(env.make_small_model(client_id), env.small_width,
-                                env.scenario.num_classes).to(env.device)
+        # every client starts from the same weights, the server's initial global model w_0 (McMahan et al.):
+        # averaging independently initialised networks after the first round would mix unrelated units
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(env.seed)
+            self.model = Classifier(env.make_small_model(client_id), env.small_width,
+                                    env.scenario.num_classes).to(env.device)
         self.task: Task | None = None
 
     def start_task(self, task: Task) -> None:

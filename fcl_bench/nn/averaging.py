@@ -39,11 +39,19 @@ def weighted_average(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequ
     if total <= 0:
         raise ValueError(f"averaging weights must sum to a positive number, got {list(weights)}")
     keys = list(states[0].keys())
-    for s in states[1:]:
+    for i, s in enumerate(states[1:], 1):
         if set(s.keys()) != set(keys):
-            raise ValueError("states to average hold different tensors")
+            raise ValueError(f"states to average hold different tensors: state {i} differs from state 0 in "
+                             f"{sorted(set(s.keys()) ^ set(keys))[:5]}")
+        # broadcasting would silently average tensors of different shapes
+        bad = [k for k in keys if s[k].shape != states[0][k].shape]
+        if bad:
+            raise ValueError(f"state {i} has other shapes than state 0 for {bad[:5]}: "
+                             f"{tuple(s[bad[0]].shape)} vs {tuple(states[0][bad[0]].shape)}")
     out = {}
     for k in keys:
         acc = sum(s[k].double() * (w / total) for s, w in zip(states, weights))
+        if not states[0][k].is_floating_point():
+            acc = acc.round()  # integer tensors (counters): nearest, not truncated toward zero
         out[k] = acc.to(states[0][k].dtype)
     return out

@@ -148,15 +148,23 @@ def acc_vs_cost(df: pd.DataFrame, styles: dict[str, Style], path: Path, cost: st
             if x.isna().all():
                 continue
             st = styles[name]
-            ax.errorbar(x.mean(), y.mean(), yerr=y.std(ddof=1) if len(y) > 1 else None,
-                        xerr=x.std(ddof=1) if len(x) > 1 else None, fmt=st.marker, ms=8, mfc="none", mew=1.5,
-                        elinewidth=0.8, capsize=3, color=st.colour, label=name)
+            xerr, yerr = _spread(x), _spread(y)
+            if xerr or yerr:
+                ax.errorbar(x.mean(), y.mean(), yerr=yerr, xerr=xerr, fmt="none", elinewidth=0.8, capsize=3,
+                            color=st.colour)
+            ax.plot(x.mean(), y.mean(), st.marker, ms=8, mfc="none", mew=1.5, color=st.colour, label=name)
         ax.set(title=d, xlabel=xlabel, ylabel="final accuracy (%)")
         _log_x(ax)
         _pct_axis(ax)
         ax.grid(alpha=0.3, which="both")
     _legend(fig, axes)
     return save(fig, path)
+
+
+def _spread(v: pd.Series) -> float | None:
+    """Sample std over seeds, or None when there is nothing to draw (one seed, or no spread)."""
+    sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return sd if sd > 0 else None
 
 
 def _log_x(ax: Axes) -> None:
@@ -200,8 +208,11 @@ def heatmaps(df: pd.DataFrame, path: Path, dataset: str) -> list[Path]:
 def client_bars(df: pd.DataFrame, styles: dict[str, Style], path: Path) -> list[Path]:
     """Fig. 4 style: final accuracy (%) of each client on all its tasks, grouped bars per label."""
     datasets = sorted(df["dataset"].unique())
-    bars = df["name"].nunique() * int(df["clients"].max())
-    fig, axes = _grid(len(datasets), 1, min(12.0, max(5.0, 1.5 + 0.12 * bars)), 3.0)
+    k_max = int(df["clients"].max())
+    width = min(12.0, max(5.0, 1.5 + 0.12 * df["name"].nunique() * k_max))
+    if any("\n" in tick for d in datasets for tick in _client_ticks(df[df["dataset"] == d], k_max)):
+        width = max(width, 1.5 + 1.8 * k_max)     # room for architecture names under the bars
+    fig, axes = _grid(len(datasets), 1, width, 3.0)
     for ax, d in zip(axes, datasets):
         sub = df[df["dataset"] == d]
         names = order_names(sub)

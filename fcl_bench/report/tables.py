@@ -193,8 +193,9 @@ def table1(df: pd.DataFrame, space: str = "client") -> Table:
     recs = [{"name": r.name, "header": r.dataset, "column": f"task {t + 1}", "value": 100.0 * a}
             for r in df.itertuples() for t, a in enumerate(getattr(r, key)["acc"])]
     rows = order_names(df)
+    better = {r["column"]: "max" for r in recs}
     return aggregate(pd.DataFrame(recs), rows, f"Task-wise accuracy (%, {space} space): accuracy after each task "
-                     "on the test sets of all tasks so far, mean ± std over seeds", better={}, fmt={},
+                     "on the test sets of all tasks so far, mean ± std over seeds", better=better, fmt={},
                      text=seeds_text(df, rows)) if recs else _empty()
 
 

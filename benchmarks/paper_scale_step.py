@@ -1,0 +1,146 @@
+"""Time a Fed-LSCL training step at paper scale: ViT-B/16 at 224 (random weights), resnet18 client, batch 64,
+bf16 autocast on CUDA. Reports images/s and peak memory with the card's name, for:
+
+* ``fedlscl_cached``: Fed-LSCL Stage-1 step, frozen blocks < b from the prefix cache (the default);
+* ``fedlscl_uncached``: the same step recomputing the frozen prefix every step;
+* ``frozen_vit_head``: a frozen-ViT forward + linear-head step (the overhead baseline of collaboration);
+* ``lora_batched`` / ``lora_loop``: the adapted block + rest of the ViT, batched vs a per-sample loop.
+
+    python benchmarks/paper_scale_step.py --out results.json            # GPU, paper scale
+    python benchmarks/paper_scale_step.py --tiny --steps 3               # CPU dry run (tiny ViT, 32 px)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fcl_bench.api import Env, ScenarioInfo, Task
+from fcl_bench.data import ClientData, Preprocess, TensorSource
+from fcl_bench.methods.fedlscl import FedLSCLClient, FedLSCLConfig
+from fcl_bench.nn.cache import FeatureCache
+from fcl_bench.nn.foundation import FoundationModel, build_timm_vit
+from fcl_bench.nn.lora import adapted_forward, reference_lora_loop
+from fcl_bench.nn.small import build_small_model
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _time(fn, steps: int, warmup: int, dev: torch.device) -> tuple[float, int]:
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(dev)
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
+    return (time.perf_counter() - t0) / steps, int(peak)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny ViT at 32 px (CPU dry run)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    if args.tiny:
+        from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG, build_tiny_vit
+        vit, pre, name, arch, width = build_tiny_vit(), Preprocess(**TINY_VIT_CONFIG), "tiny", "resnet10t", 128
+    else:
+        vit, _ = build_timm_vit("vit_base_patch16_224", None, pretrained=False)
+        pre = Preprocess(input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9)
+        name, arch, width = "vit_base_patch16_224 (random weights)", "resnet18", 512
+    fm = FoundationModel(vit, name, pre, dev, {"source": "random"})
+    n, classes = 4 * args.batch, list(range(8))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, pre.input_size, pre.input_size), dtype=torch.uint8, generator=g)
+    labels = np.arange(n) % len(classes)
+    source = TensorSource(images, labels)
+    cache = FeatureCache(fm, {"train": source}, "bench", batch_size=args.batch)
+    info = ScenarioInfo(num_classes=8, num_clients=1, num_tasks=1, rounds_per_task=1, client_tasks=[[classes]],
+                        train_sizes=[[n]])
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    env = Env(scenario=info, device=dev, amp_dtype=amp, foundation=fm, features=cache,
+              make_small_model=lambda c: build_small_model(arch, width).to(dev), small_width=width,
+              small_archs=[arch], seed=0, batch_size=args.batch, epochs=1)
+    data = ClientData(source, np.arange(n), "train", pre, dev)
+    batch = data.batch(np.arange(args.batch))
+    _ = batch.x  # images on the device once, as an in-memory dataset would be
+
+    results: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                     "torch": torch.__version__, "model": name, "small_model": arch, "batch": args.batch,
+                     "amp": str(amp), "steps": args.steps}
+    for cached in (True, False):
+        # Step time does not depend on lr; a small one keeps 20+ steps on one random-label batch finite
+        # (at lr 1e-3 the generated LoRA factors of a random ViT-B grow until the loss overflows).
+        client = FedLSCLClient(FedLSCLConfig(prefix_cache=cached, lr=1e-5), env, 0)
+        client.start_task(Task(index=0, classes=classes, seen_classes=classes, train=data))
+        client._train_mode(True)
+        cache.prefix(batch, 3)  # fill the cache for this batch once
+
+        def step(c=client):
+            with env.autocast():
+                logits, _, _ = c.forward(batch)
+                loss = F.cross_entropy(logits.float(), batch.y)
+            c._step(loss)
+
+        sec, peak = _time(step, args.steps, args.warmup, dev)
+        results["fedlscl_cached" if cached else "fedlscl_uncached"] = {
+            "images_per_s": args.batch / sec, "seconds_per_step": sec, "peak_memory_gib": peak / 2**30}
+
+    head = torch.nn.Linear(fm.embed_dim, 8).to(dev)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+
+    def vit_head_step():
+        with env.autocast():
+            feat = fm.cls(batch.x)
+            loss = F.cross_entropy(head(feat).float(), batch.y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    sec, peak = _time(vit_head_step, args.steps, args.warmup, dev)
+    results["frozen_vit_head"] = {"images_per_s": args.batch / sec, "seconds_per_step": sec,
+                                  "peak_memory_gib": peak / 2**30}
+
+    h = cache.prefix(batch, 3)
+    d = fm.embed_dim
+    A = torch.randn(args.batch, d, 4, device=dev) * 0.02
+    B = torch.randn(args.batch, 4, 3 * d, device=dev) * 0.02
+    for label, fn in (("lora_batched", adapted_forward), ("lora_loop", reference_lora_loop)):
+        def fwd(f=fn):
+            with torch.no_grad(), env.autocast():
+                f(fm.vit, h, 3, A, B, 1.0)
+        sec, peak = _time(fwd, max(2, args.steps // 4), 1, dev)
+        results[label] = {"images_per_s": args.batch / sec, "seconds_per_step": sec, "peak_memory_gib": peak / 2**30}
+
+    r = results
+    results["ratios"] = {
+        "fedlscl_uncached_over_cached_time": r["fedlscl_uncached"]["seconds_per_step"] / r["fedlscl_cached"]["seconds_per_step"],
+        "fedlscl_cached_over_frozen_vit_head_time": r["fedlscl_cached"]["seconds_per_step"] / r["frozen_vit_head"]["seconds_per_step"],
+        "lora_loop_over_batched_time": r["lora_loop"]["seconds_per_step"] / r["lora_batched"]["seconds_per_step"],
+    }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

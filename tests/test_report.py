@@ -1,0 +1,228 @@
+"""Tests of `fcl-bench report`: tables equal the stored metrics, mean ± std over seeds, every plot written,
+LaTeX rows, failed runs, mixed scenarios. One real smoke run (fedavg, seeds 1 and 2) per module; other
+labels are copies of it with edited configs and metrics, so the arithmetic is checked on distinct numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from fcl_bench.report import ReportError, load_results, report_command, write_report
+from fcl_bench.report.tables import scenario_conflicts, table1, to_latex
+
+SEEDS = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory) -> Path:
+    """``<root>/smoke/fedavg/synthetic/seed{1,2}`` from a real smoke run."""
+    from fcl_bench.cli import main
+
+    root = tmp_path_factory.mktemp("results")
+    args = ["run", "--methods", "fedavg", "--preset", "smoke", "--seeds", ",".join(map(str, SEEDS)), "--out",
+            str(root), "--suite", "smoke", "-o", "foundation_pretrained=false", "--quiet"]
+    res = CliRunner().invoke(main, args, env={"FCL_BENCH_CACHE": str(tmp_path_factory.mktemp("cache"))})
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def _run_dir(root: Path, label: str, seed: int) -> Path:
+    return root / "smoke" / label / "synthetic" / f"seed{seed}"
+
+
+def _derive(root: Path, label: str, seed: int, src_seed: int, method_config: dict | None = None,
+            acc: list[float] | None = None, scenario_hash: str | None = None) -> dict:
+    """Copy the real fedavg run of ``src_seed`` to ``label``/``seed`` with an edited config and (client
+    space) accuracies; returns its metrics."""
+    dst = _run_dir(root, label, seed)
+    shutil.copytree(_run_dir(root, "fedavg", src_seed), dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["label"], cfg["run"]["seed"] = label, seed
+    cfg["method_config"].update(method_config or {})
+    if scenario_hash:
+        cfg["scenario_hash"] = scenario_hash
+    (dst / "config.json").write_text(json.dumps(cfg))
+    m = json.loads((dst / "metrics.json").read_text())
+    if acc is not None:
+        for target in (m, m["spaces"]["client"]):
+            target.update(acc=acc, final_acc=acc[-1], avg_incremental_acc=float(np.mean(acc)))
+        m["spaces"]["client"]["per_client"]["final_acc"] = [acc[-1]] * len(m["spaces"]["client"]["per_client"]["acc"])
+    (dst / "metrics.json").write_text(json.dumps(m))
+    return m
+
+
+X_ACC = {1: [0.61, 0.42], 2: [0.73, 0.35], 3: [0.58, 0.47]}     # label "fedavg-x", three seeds
+
+
+@pytest.fixture(scope="module")
+def tree(real, tmp_path_factory) -> Path:
+    """The real runs plus: ``fedavg-x`` (lr 0.01, seeds 1-3 with chosen accuracies), an lr sweep of
+    ``fedavg-lr*`` (one seed each) and a failed run ``broken``."""
+    root = tmp_path_factory.mktemp("tree")
+    shutil.copytree(real / "smoke", root / "smoke")
+    for s, acc in X_ACC.items():
+        _derive(root, "fedavg-x", s, 1 if s == 3 else s, {"lr": 0.01}, acc,
+                scenario_hash="seed3-scenario" if s == 3 else None)
+    for i, lr in enumerate((0.1, 0.2, 0.3)):
+        _derive(root, f"fedavg-lr{i}", 1, 1, {"lr": lr}, [0.5, 0.3 + 0.1 * i])
+    bad = _run_dir(root, "broken", 1)
+    bad.mkdir(parents=True)
+    (bad / "status.json").write_text(json.dumps({"state": "failed", "reason": "ValueError: boom in round 2"}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tree, tmp_path_factory):
+    return write_report(tree, tmp_path_factory.mktemp("report"))
+
+
+def _csv(report, stem: str) -> pd.DataFrame:
+    return pd.read_csv(report.markdown.parent / "tables" / f"{stem}.csv", index_col=0)
+
+
+def _metrics(root: Path, label: str, seed: int) -> dict:
+    return json.loads((_run_dir(root, label, seed) / "metrics.json").read_text())
+
+
+def test_load_results_one_row_per_run_failed_included(tree):
+    df = load_results(tree)
+    assert len(df) == 2 + 3 + 3 + 1
+    broken = df[df["label"] == "broken"].iloc[0]
+    assert broken["state"] == "failed" and broken["reason"] == "ValueError: boom in round 2"
+    assert broken["seed"] == 1 and broken["dataset"] == "synthetic" and broken["suite"] == "smoke"
+    assert (df["state"] == "completed").sum() == 8
+
+
+def test_table1_values_equal_stored_metrics(tree, report):
+    csv, md = _csv(report, "table1"), (report.markdown.parent / "tables" / "table1.md").read_text()
+    for label in ("fedavg-lr0", "fedavg-lr2"):    # one seed: the cell is the stored number
+        m = _metrics(tree, label, 1)
+        for t, a in enumerate(m["spaces"]["client"]["acc"]):
+            assert csv.at[label, f"synthetic/task {t + 1}/mean"] == pytest.approx(100 * a, abs=1e-12)
+            assert csv.at[label, f"synthetic/task {t + 1}/n"] == 1
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
+        assert [c.strip("* ") for c in row.split("|")[3:-1]] == [f"{100 * a:.2f}" for a in m["acc"]]
+    real = [_metrics(tree, "fedavg", s)["acc"] for s in SEEDS]   # the unedited real runs, two seeds
+    for t in range(2):
+        assert csv.at["fedavg", f"synthetic/task {t + 1}/mean"] == pytest.approx(100 * np.mean([a[t] for a in real]))
+
+
+def test_mean_and_std_over_three_seeds(report):
+    csv = _csv(report, "table1")
+    for t in range(2):
+        vals = 100 * np.array([X_ACC[s][t] for s in X_ACC])
+        assert csv.at["fedavg-x", f"synthetic/task {t + 1}/mean"] == pytest.approx(vals.mean(), abs=1e-9)
+        assert csv.at["fedavg-x", f"synthetic/task {t + 1}/std"] == pytest.approx(vals.std(ddof=1), abs=1e-9)
+        assert csv.at["fedavg-x", f"synthetic/task {t + 1}/n"] == 3
+    md = (report.markdown.parent / "tables" / "table1.md").read_text()
+    vals = 100 * np.array([X_ACC[s][0] for s in X_ACC])
+    assert f"{vals.mean():.2f} ± {vals.std(ddof=1):.2f}" in md
+    assert "| fedavg-x | 1, 2, 3 |" in md
+
+
+def test_best_value_per_column_is_bold(report):
+    md = (report.markdown.parent / "tables" / "table1.md").read_text().splitlines()
+    csv = _csv(report, "table1")
+    best = csv["synthetic/task 1/mean"].round(2).idxmax()
+    bold_rows = [line.split("|")[1].strip() for line in md[2:] if line.split("|")[3].strip().startswith("**")]
+    assert bold_rows == [best]
+
+
+def test_summary_values_equal_stored_metrics(tree, report):
+    csv = _csv(report, "summary-synthetic")
+    m = _metrics(tree, "fedavg-lr1", 1)
+    cfg = json.loads((_run_dir(tree, "fedavg-lr1", 1) / "config.json").read_text())
+    k = cfg["run"]["clients"]
+    expect = {"client/final acc": 100 * m["spaces"]["client"]["final_acc"],
+              "global/final acc": 100 * m["spaces"]["global"]["final_acc"],
+              "global/avg inc acc": 100 * m["spaces"]["global"]["avg_incremental_acc"],
+              "client/forgetting": 100 * m["spaces"]["client"]["forgetting"],
+              "global/BWT": 100 * m["spaces"]["global"]["bwt"],
+              "cost/MB up/client": m["bytes_up"] / k / 1e6, "cost/MB down/client": m["bytes_down"] / k / 1e6,
+              "cost/TFLOPs/client": m["client_flops"] / k / 1e12, "cost/wall s": m["wall_seconds"]}
+    for col, v in expect.items():
+        assert csv.at["fedavg-lr1", f"{col}/mean"] == pytest.approx(v, rel=1e-12), col
+
+
+def test_variants_table_names_the_differing_setting(report):
+    csv = _csv(report, "variants-fedavg")
+    assert set(csv.index) == {"fedavg", "fedavg-x", "fedavg-lr0", "fedavg-lr1", "fedavg-lr2"}
+    assert csv.at["fedavg-x", "lr"] == 0.01 and csv.at["fedavg", "lr"] == 0.001
+
+
+def test_every_plot_written_and_non_empty(report):
+    stems = {p.stem for p in report.plots}
+    assert stems == {"acc_vs_task", "acc_vs_comm", "acc_vs_compute", "heatmaps-synthetic", "client_acc",
+                     "sensitivity-fedavg-lr"}
+    for p in report.plots:
+        data = p.read_bytes()
+        assert len(data) > 5000, p
+        assert data[:4] == (b"\x89PNG" if p.suffix == ".png" else b"%PDF"), p
+    md = report.markdown.read_text()
+    assert all(f"plots/{s}.png" in md for s in stems)
+
+
+def test_latex_has_one_row_per_method(report):
+    tex = (report.markdown.parent / "tables" / "table1.tex").read_text()
+    assert "\\toprule" in tex and "\\midrule" in tex and "\\bottomrule" in tex
+    body = tex.split("\\midrule")[1].split("\\bottomrule")[0].strip().splitlines()
+    assert [line.split(" & ")[0] for line in body] == ["fedavg", "fedavg-lr0", "fedavg-lr1", "fedavg-lr2",
+                                                     "fedavg-x"]
+    assert all(line.endswith("\\\\") and line.count(" & ") == 3 for line in body)  # name, seeds, 2 tasks
+
+
+def test_failed_runs_listed_with_reason_and_kept_out_of_tables(report):
+    md = report.markdown.read_text()
+    failed = md.split("## Failed runs")[1]
+    assert "| smoke | broken | synthetic | 1 | failed | ValueError: boom in round 2 |" in failed
+    assert "broken" not in md.split("## Failed runs")[0]
+
+
+def test_mixed_scenario_hashes_are_split_into_groups(real, tmp_path):
+    root = tmp_path / "mixed"
+    shutil.copytree(real / "smoke", root / "smoke")
+    _derive(root, "other", 1, 1, scenario_hash="a-different-split")
+    _derive(root, "other", 2, 2)
+    df = load_results(root)
+    conflicts = scenario_conflicts(df)
+    assert set(conflicts["seed"]) == {1} and set(conflicts["labels"]) == {"fedavg", "other"}
+    assert df.loc[df["label"] == "fedavg", "group"].eq(1).all() and df.loc[df["label"] == "other", "group"].eq(2).all()
+    assert table1(df[df["group"] == 1]).rows == ["fedavg"]
+    files = write_report(root, tmp_path / "out")
+    md = files.markdown.read_text()
+    assert "Warning: different scenarios" in md and "## Scenario group 1" in md and "## Scenario group 2" in md
+    assert {p.name for p in files.tables} >= {"table1-scenario1.csv", "table1-scenario2.csv"}
+    assert "table1.csv" not in {p.name for p in files.tables}
+
+
+def test_report_command_prints_what_it_wrote(tree, tmp_path):
+    res = CliRunner().invoke(report_command, [str(tree), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert str(tmp_path / "r" / "report.md") in res.output and "table1.tex" in res.output
+    assert "acc_vs_task.png/.pdf" in res.output
+    assert (tmp_path / "r" / "tables" / "runs.csv").exists()
+    runs = pd.read_csv(io.StringIO((tmp_path / "r" / "tables" / "runs.csv").read_text()))
+    assert len(runs) == 9 and {"label", "seed", "state", "final_acc"} <= set(runs.columns)
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="no runs under"):
+        load_results(tmp_path)
+    res = CliRunner().invoke(report_command, [str(tmp_path)])
+    assert res.exit_code != 0 and "no runs under" in res.output
+
+
+def test_latex_escapes_labels():
+    df = pd.DataFrame({"name": ["a_b&c"], "header": ["d%"], "column": ["task 1"], "value": [50.0]})
+    from fcl_bench.report.tables import aggregate
+
+    tex = to_latex(aggregate(df, ["a_b&c"], "t", {}, {}))
+    assert "a\\_b\\&c & $50.00$ \\\\" in tex and "d\\%" in tex
