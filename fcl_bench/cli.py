@@ -74,7 +74,8 @@ def common(f):
 @common
 @click.option("--seeds", default=None, help="comma-separated seeds (default: the preset's seed)")
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
-@click.option("--suite", "suite_name", default=None, help="results sub-folder (default: the preset name)")
+@click.option("--suite", "suite", default=None,
+              help="run a suite (a name from `fcl-bench list suites` or a JSON file) instead of --methods")
 @click.option("--device", default=None, help="auto, cpu or cuda[:N]")
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(dir_okay=False),
               help="a Python file defining Method subclasses; repeatable")
@@ -83,8 +84,9 @@ def common(f):
 @click.option("--force", is_flag=True, help="re-run runs that already completed")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def run(methods, preset, dataset, data_root, download, foundation, foundation_weights, overrides, seeds, out,
-        suite_name, device, plugins, flops, force, quiet):
-    """Run methods on a preset and store results under OUT/SUITE/METHOD/DATASET/seedK/."""
+        suite, device, plugins, flops, force, quiet):
+    """Run methods (or a suite) on a preset; results go to OUT/SUITE/LABEL/DATASET/seedK/, where SUITE is the
+    suite's name or, for plain runs, the preset's."""
     from fcl_bench import registry
 
     try:
@@ -99,13 +101,33 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
         base = _build_run_config(preset, run_over, dataset=dataset, data_root=data_root, download=download,
                                  foundation=foundation, foundation_weights=foundation_weights, device=device)
         seed_list = [int(s) for s in seeds.split(",")] if seeds else [base.seed]
-        plan = [Planned(n, n, meth_over.get(n, {})) for n in names]
+        if suite is not None:
+            from fcl_bench.suites import load_suite
+
+            st = load_suite(suite)
+            avail = registry.available_methods()
+            entries = st.plan(avail, {n: registry.get_method(n).Config for n in avail})
+            classes = {e["method"]: registry.get_method(e["method"]) for e in entries}
+            plan = [Planned(e["method"], e["label"], {**e["overrides"], **meth_over.get(e["method"], {})},
+                            e["run_overrides"]) for e in entries]
+            results_name = st.name
+        else:
+            plan = [Planned(n, n, meth_over.get(n, {})) for n in names]
+            results_name = preset
         mcfgs = {p.label: _method_config(classes[p.method], p.overrides) for p in plan}
+        for p in plan:  # validate per-run overrides up front (an impossible one fails before any work)
+            C.apply_overrides(base, p.run_overrides, "run")
     except _user_errors() as e:
         raise UserError(str(e)) from None
     except ValueError as e:
         raise UserError(str(e)) from None
-    ok = execute(plan, classes, mcfgs, base, seed_list, Path(out), suite_name or preset, force, quiet, flops)
+    except Exception as e:  # suite files and the like
+        from fcl_bench.suites import SuiteError
+
+        if isinstance(e, SuiteError):
+            raise UserError(str(e)) from None
+        raise
+    ok = execute(plan, classes, mcfgs, base, seed_list, Path(out), results_name, force, quiet, flops)
     if not ok:
         sys.exit(1)
 
@@ -122,7 +144,7 @@ def execute(plan, classes, mcfgs, base: C.RunConfig, seeds, out: Path, suite: st
     workspaces: dict[tuple, Workspace] = {}
     for seed in seeds:
         for p in plan:
-            cfg = dataclasses.replace(base, seed=seed)
+            cfg = dataclasses.replace(C.apply_overrides(base, p.run_overrides, "run"), seed=seed)
             rec = RunRecord(run_dir(out, suite, p.label, cfg.dataset, seed))
             if rec.is_complete() and not force:
                 click.echo(f"skip {p.label} seed {seed}: completed in {rec.path} (use --force to re-run)")
@@ -137,12 +159,12 @@ def execute(plan, classes, mcfgs, base: C.RunConfig, seeds, out: Path, suite: st
                     click.echo(line)
 
             try:
-                ws_key = (dataclasses.replace(cfg, rounds_per_task=0, epochs=0).__repr__())
+                ws_key = Workspace.key_of(cfg)
                 if ws_key not in workspaces:
-                    workspaces.clear()  # one workspace (data, cache) in memory at a time
+                    workspaces.clear()  # one workspace (data, scenario, feature cache) in memory at a time
                     workspaces[ws_key] = Workspace.create(cfg, progress=not quiet)
                 ws = workspaces[ws_key]
-                ws.cfg = cfg
+                ws.cfg = cfg  # same data and scenario; per-run settings such as small_models may differ
                 cls = classes[p.method]
                 log(f"== {p.label} ({p.method}) on {cfg.dataset}, seed {seed}, scenario {ws.scenario.short_hash}")
                 ws.scenario.save(rec.path / "scenario.json")
@@ -202,10 +224,10 @@ def _print_summary(rows: list[dict]) -> None:
 
 
 @main.command("list")
-@click.argument("what", required=False, type=click.Choice(["methods", "datasets", "presets"]))
+@click.argument("what", required=False, type=click.Choice(["methods", "datasets", "presets", "suites"]))
 @click.option("--plugin", "plugins", multiple=True, type=click.Path(dir_okay=False))
 def list_(what, plugins):
-    """List methods, datasets and presets."""
+    """List methods, datasets, presets and suites."""
     from fcl_bench import registry
     from fcl_bench.datasets import DATASETS
 
@@ -229,6 +251,12 @@ def list_(what, plugins):
         click.echo("presets:")
         for n in C.PRESETS:
             click.echo(f"  {n:<18} {C.PRESET_HELP.get(n, '')}")
+    if what in (None, "suites"):
+        from fcl_bench.suites import available_suites, load_suite
+
+        click.echo("suites:")
+        for n in available_suites():
+            click.echo(f"  {n:<14} {load_suite(n).description}")
 
 
 @main.command()
@@ -271,6 +299,14 @@ def pretrain(seed, force, device, quiet):
         if k in report:
             click.echo(f"{k}: {report[k]}")
 
+
+def _attach_report() -> None:
+    from fcl_bench.report import report_command
+
+    main.add_command(report_command, "report")
+
+
+_attach_report()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -92,11 +92,12 @@ class Workspace:
                                          self.dataset.fingerprint, batch_size=self.cfg.eval_batch_size)
         return self.foundation
 
-    def key(self) -> tuple:
-        c = self.cfg
-        return (c.dataset, c.data_root, c.foundation, c.foundation_weights, c.foundation_pretrained,
+    @staticmethod
+    def key_of(c: RunConfig) -> tuple:
+        """Runs with equal keys share data, scenario, foundation model and feature cache."""
+        return (c.dataset, c.data_root, c.download, c.foundation, c.foundation_weights, c.foundation_pretrained,
                 c.train_per_class, c.test_per_class, c.seed, c.clients, c.private, c.public, c.tasks,
-                c.classes_per_task, c.alpha, c.device)
+                c.classes_per_task, c.alpha, c.device, c.eval_batch_size)
 
 
 @dataclass
