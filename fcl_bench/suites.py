@@ -100,16 +100,18 @@ class Suite:
         return out
 
 
-def _entry(label: str, method: str, overrides: dict[str, str], run_overrides: dict[str, str]) -> dict[str, Any]:
-    return {"label": label, "method": method, "overrides": dict(overrides), "run_overrides": dict(run_overrides)}
+def _entry(label: str, method: str, overrides: dict[str, str],
+           run_overrides: dict[str, str]) -> dict[str, Any]:
+    return {"label": label, "method": method, "overrides": dict(overrides),
+            "run_overrides": dict(run_overrides)}
 
 
 def _check_plan(plan: list[dict[str, Any]], suite: Suite, method_configs: Mapping[str, type] | None) -> None:
     seen: set[str] = set()
     for p in plan:
         if p["label"] in seen:
-            raise SuiteError(f"suite '{suite.name}' ({suite.source}): label '{p['label']}' is used by two runs; "
-                             "labels name result folders and must be unique")
+            raise SuiteError(f"suite '{suite.name}' ({suite.source}): label '{p['label']}' is used by two "
+                             "runs; labels name result folders and must be unique")
         seen.add(p["label"])
         cfg_cls = (method_configs or {}).get(p["method"])
         if cfg_cls is not None:
@@ -147,8 +149,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
         return parse_suite(json.loads((_suites_dir() / f"{text}.json").read_text()), source="built-in")
     path = Path(text)
     if not path.is_file():
-        raise SuiteError(f"unknown suite '{text}': neither a built-in suite ({', '.join(available_suites())}) "
-                         "nor a suite JSON file")
+        raise SuiteError(f"unknown suite '{text}': neither a built-in suite "
+                         f"({', '.join(available_suites())}) nor a suite JSON file")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -162,7 +164,8 @@ def parse_suite(data: Any, source: str = "<data>") -> Suite:
     _check_keys(data, _SUITE_KEYS, where, required=("name", "runs"))
     name = data["name"]
     if not isinstance(name, str) or not _LABEL_RE.match(name):
-        raise SuiteError(f"{where}: 'name' must be a non-empty string of letters, digits, _ . + -; got {name!r}")
+        raise SuiteError(f"{where}: 'name' must be a non-empty string of letters, digits, _ . + -; "
+                         f"got {name!r}")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SuiteError(f"{where}: 'description' must be a string")
@@ -197,13 +200,15 @@ def _parse_run(obj: Any, where: str) -> SuiteRun:
     if method == "all":
         extra = [k for k in ("label", "overrides", "sweep") if k in obj]
         if extra:
-            raise SuiteError(f"{where}: method \"all\" takes no {', '.join(extra)} (each method runs with its "
-                             "defaults, labelled by its name); list methods one by one instead")
+            raise SuiteError(f"{where}: method \"all\" takes no {', '.join(extra)} (each method runs with "
+                             "its defaults, labelled by its name); list methods one by one instead")
     if label is not None:
         if not isinstance(label, str) or not _LABEL_RE.match(label.replace("{value}", "0")):
-            raise SuiteError(f"{where}: label {label!r} may hold only letters, digits, _ . + - (and {{value}})")
+            raise SuiteError(f"{where}: label {label!r} may hold only letters, digits, _ . + - "
+                             "(and {value})")
         if sweep is not None and "{value}" not in label:
-            raise SuiteError(f"{where}: a sweep's label must contain {{value}} so each run gets its own label")
+            raise SuiteError(f"{where}: a sweep's label must contain {{value}} so each run gets its "
+                             "own label")
     if sweep is not None and sweep.key in overrides:
         raise SuiteError(f"{where}: '{sweep.key}' is both swept and overridden; drop it from 'overrides'")
     return SuiteRun(method=method, label=label, overrides=overrides, run_overrides=run_overrides, sweep=sweep)
@@ -213,9 +218,10 @@ def _parse_values(obj: Any, where: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise SuiteError(f"{where}: expected an object of key: value")
     for k, v in obj.items():
-        ok = v is None or isinstance(v, _Scalar) or (isinstance(v, list) and all(isinstance(x, _Scalar) for x in v))
-        if not ok:
-            raise SuiteError(f"{where}: '{k}' must be a string, number, boolean, null or list of those; got {v!r}")
+        scalars = v if isinstance(v, list) else [v]
+        if not all(x is None or isinstance(x, _Scalar) for x in scalars):
+            raise SuiteError(f"{where}: '{k}' must be a string, number, boolean, null or list of those; "
+                             f"got {v!r}")
     return dict(obj)
 
 
@@ -234,7 +240,8 @@ def _parse_sweep(obj: Any, where: str) -> Sweep:
     if not isinstance(key, str) or not key:
         raise SuiteError(f"{where}, sweep: 'key' must be a method Config field name")
     if not isinstance(values, list) or not values or not all(isinstance(v, _Scalar) for v in values):
-        raise SuiteError(f"{where}, sweep: 'values' must be a non-empty list of numbers or strings, e.g. [0, 1, 2]")
+        raise SuiteError(f"{where}, sweep: 'values' must be a non-empty list of numbers or strings, "
+                         "e.g. [0, 1, 2]")
     if len(set(map(str, values))) != len(values):
         raise SuiteError(f"{where}, sweep: 'values' repeats a value")
     return Sweep(key=key, values=tuple(values))

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from fcl_bench.report import ReportError, load_results, report_command, write_report
-from fcl_bench.report.tables import scenario_conflicts, table1, to_latex
+from fcl_bench.report.tables import aggregate, scenario_conflicts, table1, to_latex
 
 SEEDS = (1, 2)
 
@@ -54,7 +54,8 @@ def _derive(root: Path, label: str, seed: int, src_seed: int, method_config: dic
     if acc is not None:
         for target in (m, m["spaces"]["client"]):
             target.update(acc=acc, final_acc=acc[-1], avg_incremental_acc=float(np.mean(acc)))
-        m["spaces"]["client"]["per_client"]["final_acc"] = [acc[-1]] * len(m["spaces"]["client"]["per_client"]["acc"])
+        per = m["spaces"]["client"]["per_client"]
+        per["final_acc"] = [acc[-1]] * len(per["acc"])
     (dst / "metrics.json").write_text(json.dumps(m))
     return m
 
@@ -112,7 +113,8 @@ def test_table1_values_equal_stored_metrics(tree, report):
         assert [c.strip("* ") for c in row.split("|")[3:-1]] == [f"{100 * a:.2f}" for a in m["acc"]]
     real = [_metrics(tree, "fedavg", s)["acc"] for s in SEEDS]   # the unedited real runs, two seeds
     for t in range(2):
-        assert csv.at["fedavg", f"synthetic/task {t + 1}/mean"] == pytest.approx(100 * np.mean([a[t] for a in real]))
+        expect = 100 * np.mean([a[t] for a in real])
+        assert csv.at["fedavg", f"synthetic/task {t + 1}/mean"] == pytest.approx(expect)
 
 
 def test_mean_and_std_over_three_seeds(report):
@@ -181,9 +183,9 @@ def test_latex_has_one_row_per_method(report):
 
 def test_failed_runs_listed_with_reason_and_kept_out_of_tables(report):
     md = report.markdown.read_text()
-    failed = md.split("## Failed runs")[1]
+    failed = md.split("## Failed or unfinished runs")[1]
     assert "| smoke | broken | synthetic | 1 | failed | ValueError: boom in round 2 |" in failed
-    assert "broken" not in md.split("## Failed runs")[0]
+    assert "broken" not in md.split("## Failed or unfinished runs")[0]
 
 
 def test_mixed_scenario_hashes_are_split_into_groups(real, tmp_path):
@@ -194,11 +196,13 @@ def test_mixed_scenario_hashes_are_split_into_groups(real, tmp_path):
     df = load_results(root)
     conflicts = scenario_conflicts(df)
     assert set(conflicts["seed"]) == {1} and set(conflicts["labels"]) == {"fedavg", "other"}
-    assert df.loc[df["label"] == "fedavg", "group"].eq(1).all() and df.loc[df["label"] == "other", "group"].eq(2).all()
+    assert df.loc[df["label"] == "fedavg", "group"].eq(1).all()
+    assert df.loc[df["label"] == "other", "group"].eq(2).all()
     assert table1(df[df["group"] == 1]).rows == ["fedavg"]
     files = write_report(root, tmp_path / "out")
     md = files.markdown.read_text()
-    assert "Warning: different scenarios" in md and "## Scenario group 1" in md and "## Scenario group 2" in md
+    assert "Warning: different scenarios" in md
+    assert "## Scenario group 1" in md and "## Scenario group 2" in md
     assert {p.name for p in files.tables} >= {"table1-scenario1.csv", "table1-scenario2.csv"}
     assert "table1.csv" not in {p.name for p in files.tables}
 
@@ -222,7 +226,6 @@ def test_empty_folder_is_a_clear_error(tmp_path):
 
 def test_latex_escapes_labels():
     df = pd.DataFrame({"name": ["a_b&c"], "header": ["d%"], "column": ["task 1"], "value": [50.0]})
-    from fcl_bench.report.tables import aggregate
-
-    tex = to_latex(aggregate(df, ["a_b&c"], "t", {}, {}))
+    tex = to_latex(aggregate(df, ["a_b&c"], "mean ± std", {}, {}))
     assert "a\\_b\\&c & $50.00$ \\\\" in tex and "d\\%" in tex
+    assert "\\caption{mean $\\pm$ std}" in tex

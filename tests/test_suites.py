@@ -45,10 +45,12 @@ def test_all_expands_to_every_method_labelled_by_name():
 
 def test_table2_rows_are_the_ablations():
     plan = load_suite("table2").plan(METHODS)
-    rows = {p["label"]: (p["overrides"]["collab"], p["overrides"]["continual_finetune"], p["overrides"]["aggregation"])
-            for p in plan}
-    assert rows == {"fedlscl": ("true", "true", "o2d"), "fedlscl-fedavg-agg": ("true", "true", "fedavg"),
-                    "fedlscl-no-cf": ("true", "false", "o2d"), "fedlscl-no-cf-fedavg-agg": ("true", "false", "fedavg"),
+    keys = ("collab", "continual_finetune", "aggregation")
+    rows = {p["label"]: tuple(p["overrides"][k] for k in keys) for p in plan}
+    assert rows == {"fedlscl": ("true", "true", "o2d"),
+                    "fedlscl-fedavg-agg": ("true", "true", "fedavg"),
+                    "fedlscl-no-cf": ("true", "false", "o2d"),
+                    "fedlscl-no-cf-fedavg-agg": ("true", "false", "fedavg"),
                     "fedlscl-no-collab": ("false", "false", "fedavg")}
     assert {p["method"] for p in plan} == {"fedlscl"}
 
@@ -88,22 +90,24 @@ def test_user_file_by_path(tmp_path):
                                     "run_overrides": {"clients": "3"}}]
 
 
+def _one(**run) -> dict:
+    return {"name": "x", "runs": [{"method": "fedavg", **run}]}
+
+
 @pytest.mark.parametrize("data, match", [
-    ({"name": "x", "runs": [{"method": "fedavg"}], "extra": 1}, r"unknown key\(s\) 'extra'; valid keys: description"),
-    ({"name": "x", "runs": [{"method": "fedavg", "overide": {}}]}, r"run 1: unknown key\(s\) 'overide'"),
+    ({**_one(), "extra": 1}, r"unknown key\(s\) 'extra'; valid keys: description"),
+    (_one(overide={}), r"run 1: unknown key\(s\) 'overide'"),
     ({"name": "x", "runs": []}, "'runs' must be a non-empty list"),
     ({"runs": [{"method": "fedavg"}]}, "missing key"),
-    ({"name": "x", "runs": [{"method": "fedavg", "run_overrides": {"clientz": 3}}]}, "unknown run key 'clientz'"),
-    ({"name": "x", "runs": [{"method": "fedavg", "run_overrides": {"clients": "many"}}]}, "not a valid int"),
-    ({"name": "x", "runs": [{"method": "fedavg", "run_overrides": {"seed": 3}}]}, "seeds come from --seeds"),
+    (_one(run_overrides={"clientz": 3}), "unknown run key 'clientz'"),
+    (_one(run_overrides={"clients": "many"}), "not a valid int"),
+    (_one(run_overrides={"seed": 3}), "seeds come from --seeds"),
     ({"name": "x", "runs": [{"method": "all", "label": "a"}]}, 'method "all" takes no label'),
-    ({"name": "x", "runs": [{"method": "fedavg", "sweep": {"key": "lr", "values": [1, 2]}, "label": "a"}]},
-     r"must contain \{value\}"),
-    ({"name": "x", "runs": [{"method": "fedavg", "sweep": {"key": "lr", "values": []}}]}, "non-empty list"),
-    ({"name": "x", "runs": [{"method": "fedavg", "sweep": {"key": "lr", "values": [1]}, "overrides": {"lr": 2}}]},
-     "both swept and overridden"),
-    ({"name": "x", "runs": [{"method": "fedavg", "label": "a/b"}]}, "may hold only letters"),
-    ({"name": "x", "runs": [{"method": "fedavg", "overrides": {"lr": {"a": 1}}}]}, "must be a string, number"),
+    (_one(sweep={"key": "lr", "values": [1, 2]}, label="a"), r"must contain \{value\}"),
+    (_one(sweep={"key": "lr", "values": []}), "non-empty list"),
+    (_one(sweep={"key": "lr", "values": [1]}, overrides={"lr": 2}), "both swept and overridden"),
+    (_one(label="a/b"), "may hold only letters"),
+    (_one(overrides={"lr": {"a": 1}}), "must be a string, number"),
     ("{not json", "not valid JSON"),
 ])
 def test_bad_files_are_clear_errors(tmp_path, data, match):

@@ -114,17 +114,18 @@ def _group_sections(df: pd.DataFrame, out: Path, suffix: str, files: ReportFiles
         md.append(f"\n## Summary: {d}\n")
         md += _emit(summary_table(df, d), out, f"summary-{d}{suffix}", files)
     md.append("\n## Figures\n")
-    figs = [("Accuracy after each task", plots.acc_vs_task(df, styles, out / "plots" / f"acc_vs_task{suffix}"))]
+    pdir = out / "plots"
+    figs = [("Accuracy after each task", plots.acc_vs_task(df, styles, pdir / f"acc_vs_task{suffix}"))]
     figs.append(("Final accuracy vs communication", plots.acc_vs_cost(
-        df, styles, out / "plots" / f"acc_vs_comm{suffix}", "mb_per_client", "MB per client (up + down), log")))
+        df, styles, pdir / f"acc_vs_comm{suffix}", "mb_per_client", "MB per client (up + down), log")))
     figs.append(_compute_figure(df, styles, out, suffix))
     for d in sorted(df["dataset"].unique()):
-        figs.append((f"Accuracy matrices ({d})", plots.heatmaps(df, out / "plots" / f"heatmaps-{d}{suffix}", d)))
+        figs.append((f"Accuracy matrices ({d})", plots.heatmaps(df, pdir / f"heatmaps-{d}{suffix}", d)))
     figs.append(("Client-wise final accuracy (Fig. 4 style)",
-                 plots.client_bars(df, styles, out / "plots" / f"client_acc{suffix}")))
+                 plots.client_bars(df, styles, pdir / f"client_acc{suffix}")))
     for s in find_sweeps(df):
         figs.append((f"Sensitivity of {s.method} to {s.key} (Figs. 3/5 style)",
-                     plots.sensitivity(df, s, out / "plots" / f"sensitivity-{s.method}-{s.key}{suffix}")))
+                     plots.sensitivity(df, s, pdir / f"sensitivity-{s.method}-{s.key}{suffix}")))
     for title, paths in figs:
         files.plots += paths
         md.append(f"### {title}\n\n![{title}](plots/{paths[0].name})\n")
@@ -139,7 +140,8 @@ def _compute_figure(df: pd.DataFrame, styles: dict, out: Path, suffix: str) -> t
     if df["tflops_per_client"].notna().all():
         return "Final accuracy vs client compute", plots.acc_vs_cost(
             df, styles, path, "tflops_per_client", "client TFLOPs per client, log")
-    df = df.assign(train_s_per_client=[m["client_train_seconds"] / k for m, k in zip(df["metrics"], df["clients"])])
+    seconds = [m["client_train_seconds"] / k for m, k in zip(df["metrics"], df["clients"])]
+    df = df.assign(train_s_per_client=seconds)
     return "Final accuracy vs client training time (FLOPs not counted for some runs)", plots.acc_vs_cost(
         df, styles, path, "train_s_per_client", "client training seconds per client, log")
 
@@ -156,9 +158,9 @@ def _emit(t: Table, out: Path, stem: str, files: ReportFiles) -> list[str]:
 def _failed_section(df: pd.DataFrame) -> list[str]:
     bad = failed_table(df)
     if bad.empty:
-        return ["\n## Failed runs\n\nNone.\n"]
-    return [f"\n## Failed runs ({len(bad)})\n\nNot in any table or figure; their logs are in `<path>/log.txt`.\n",
-            frame_to_markdown(bad)]
+        return ["\n## Failed or unfinished runs\n\nNone.\n"]
+    return [f"\n## Failed or unfinished runs ({len(bad)})\n\nNot in any table or figure; each log is "
+            "`<path>/log.txt`.\n", frame_to_markdown(bad)]
 
 
 @click.command("report")

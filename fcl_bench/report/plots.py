@@ -19,11 +19,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from fcl_bench.report.tables import Sweep, order_names
+from fcl_bench.report.tables import SensitivitySweep, order_names
 
-_RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "savefig.bbox": "tight"}
+_RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
+       "savefig.bbox": "tight"}
 
 
 def _styled(fn: Callable) -> Callable:
@@ -58,7 +59,8 @@ def palette(names: Sequence[str]) -> dict[str, Style]:
         colours = [_cmap("tab10")(i) for i in range(10)]
     else:
         colours = [_cmap(m)(i) for m in ("tab20", "tab20b", "tab20c") for i in range(20)]
-    return {name: Style(colours[i % len(colours)], _MARKERS[i % len(_MARKERS)]) for i, name in enumerate(names)}
+    return {name: Style(colours[i % len(colours)], _MARKERS[i % len(_MARKERS)])
+            for i, name in enumerate(names)}
 
 
 def save(fig: Figure, path: Path) -> list[Path]:
@@ -186,7 +188,8 @@ def heatmaps(df: pd.DataFrame, path: Path, dataset: str) -> list[Path]:
     names = order_names(sub)
     fig, axes = _grid(len(names), 4, 3.0, 2.8)
     for ax, name in zip(axes, names):
-        mats = [np.array(m["accuracy_matrix"], dtype=float) for m in sub.loc[sub["name"] == name, "metrics_client"]]
+        mats = [np.array(m["accuracy_matrix"], dtype=float)
+                for m in sub.loc[sub["name"] == name, "metrics_client"]]
         stack = np.concatenate(mats, axis=0)     # (clients x seeds, T, T), NaN above the diagonal
         T = stack.shape[1]
         a = np.full((T, T), np.nan)
@@ -218,7 +221,8 @@ def client_bars(df: pd.DataFrame, styles: dict[str, Style], path: Path) -> list[
         names = order_names(sub)
         width = 0.8 / len(names)
         for j, name in enumerate(names):
-            per = [np.asarray(m["per_client"]["final_acc"]) for m in sub.loc[sub["name"] == name, "metrics_client"]]
+            per = [np.asarray(m["per_client"]["final_acc"])
+                   for m in sub.loc[sub["name"] == name, "metrics_client"]]
             mean, std = _mean_std(per)
             x = np.arange(len(mean)) + (j - (len(names) - 1) / 2) * width
             ax.bar(x, 100.0 * mean, width, yerr=100.0 * std if len(per) > 1 else None, capsize=2,
@@ -242,7 +246,7 @@ def _client_ticks(sub: pd.DataFrame, k: int) -> list[str]:
 
 
 @_styled
-def sensitivity(df: pd.DataFrame, sweep: Sweep, path: Path) -> list[Path]:
+def sensitivity(df: pd.DataFrame, sweep: SensitivitySweep, path: Path) -> list[Path]:
     """Figs. 3/5 style, one row per dataset: final and average incremental accuracy (%) against the swept
     value (± std), and accuracy after each task for every value."""
     sub = df[df["name"].isin(sweep.values)].copy()
@@ -260,7 +264,11 @@ def sensitivity(df: pd.DataFrame, sweep: Sweep, path: Path) -> list[Path]:
             mean, std = 100.0 * g.mean(), 100.0 * g.std(ddof=1).fillna(0.0)
             left.plot(mean.index, mean, style, ms=4, label=col.replace("_", " "))
             left.fill_between(mean.index, mean - std, mean + std, alpha=0.18, lw=0)
-        left.set(title=d, xlabel=sweep.key, ylabel="accuracy (%)")
+        log = min(values) > 0 and max(values) / min(values) >= 10    # e.g. learning rates
+        if log:
+            left.set_xscale("log")
+            left.xaxis.set_minor_locator(NullLocator())
+        left.set(title=d, xlabel=f"{sweep.key} (log)" if log else sweep.key, ylabel="accuracy (%)")
         left.set_xticks(values, [_fmt_value(v) for v in values])
         left.legend(frameon=False)
         for v in values:
@@ -268,9 +276,11 @@ def sensitivity(df: pd.DataFrame, sweep: Sweep, path: Path) -> list[Path]:
             if accs:
                 mean, _ = _mean_std(accs)
                 right.plot(np.arange(1, len(mean) + 1), mean, marker="o", ms=3,
-                           color=cmap(values.index(v) / max(1, len(values) - 1)), label=f"{sweep.key}={_fmt_value(v)}")
+                           color=cmap(values.index(v) / max(1, len(values) - 1)),
+                           label=f"{sweep.key}={_fmt_value(v)}")
                 right.set_xticks(np.arange(1, len(mean) + 1))
-        right.set(title=f"{d}: accuracy after each task", xlabel="after task", ylabel="accuracy on tasks so far (%)")
+        right.set(title=f"{d}: accuracy after each task", xlabel="after task",
+                  ylabel="accuracy on tasks so far (%)")
         right.legend(frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         for ax in (left, right):
             _pct_axis(ax)

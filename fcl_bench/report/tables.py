@@ -63,8 +63,9 @@ def load_results(root: str | Path) -> pd.DataFrame:
     df["tflops_per_client"] = df["client_flops"].astype(float) / per_client / 1e12
     df["group"] = assign_scenario_groups(df)
     order = {n: i for i, n in enumerate(order_names(df))}
-    return df.sort_values(["name", "dataset", "seed"], key=lambda s: s.map(order) if s.name == "name" else s,
-                          ignore_index=True)
+    keys = {"name": lambda s: s.map(order), "seed": lambda s: pd.to_numeric(s, errors="coerce"),
+            "dataset": lambda s: s.astype(str)}
+    return df.sort_values(["name", "dataset", "seed"], key=lambda s: keys[s.name](s), ignore_index=True)
 
 
 def _fill_identity(df: pd.DataFrame) -> pd.DataFrame:
@@ -99,7 +100,8 @@ def order_names(df: pd.DataFrame) -> list[str]:
 
     rank = {m: i for i, m in enumerate(BUILTIN_MODULES)}
     firsts = df.drop_duplicates("name")
-    keys = {n: (rank.get(m, len(rank)), str(m), _natural(n)) for n, m in zip(firsts["name"], firsts["method"])}
+    keys = {n: (rank.get(m, len(rank)), str(m), _natural(n))
+            for n, m in zip(firsts["name"], firsts["method"])}
     return sorted(keys, key=keys.get)
 
 
@@ -133,8 +135,8 @@ def scenario_conflicts(df: pd.DataFrame) -> pd.DataFrame:
     for (d, s), sub in done.groupby(["dataset", "seed"]):
         if sub["scenario_hash"].nunique() > 1:
             for h, hs in sub.groupby("scenario_hash"):
-                rows.append({"dataset": d, "seed": s, "scenario": str(h)[:12], "group": int(hs["group"].iloc[0]),
-                             "labels": ", ".join(hs["name"])})
+                rows.append({"dataset": d, "seed": s, "scenario": str(h)[:12],
+                             "group": int(hs["group"].iloc[0]), "labels": ", ".join(hs["name"])})
     return pd.DataFrame(rows, columns=["dataset", "seed", "scenario", "group", "labels"])
 
 
@@ -151,7 +153,6 @@ class Table:
     better: dict[tuple[str, str], str | None]
     fmt: dict[tuple[str, str], str]
     text: pd.DataFrame = field(default_factory=pd.DataFrame)
-    note: str = ""
     row_header: str = "method"
 
     @property
@@ -164,7 +165,7 @@ class Table:
 
 
 def aggregate(long: pd.DataFrame, rows: Sequence[str], title: str, better: dict, fmt: dict,
-              text: pd.DataFrame | None = None, note: str = "", row_header: str = "method") -> Table:
+              text: pd.DataFrame | None = None, row_header: str = "method") -> Table:
     """``long`` has columns name, header, column, value (one value per run): mean, std, n over runs."""
     g = long.groupby(["name", "header", "column"], sort=False)["value"]
     cols = list(dict.fromkeys(zip(long["header"], long["column"])))
@@ -176,7 +177,8 @@ def aggregate(long: pd.DataFrame, rows: Sequence[str], title: str, better: dict,
     t = text.reindex(list(rows)) if text is not None else pd.DataFrame(index=list(rows))
     return Table(title=title, mean=wide(g.mean()), std=wide(g.std(ddof=1)), n=wide(g.count()),
                  better={c: better.get(c[1], better.get(c)) for c in cols},
-                 fmt={c: fmt.get(c[1], fmt.get(c, ".2f")) for c in cols}, text=t, note=note, row_header=row_header)
+                 fmt={c: fmt.get(c[1], fmt.get(c, ".2f")) for c in cols}, text=t,
+                 row_header=row_header)
 
 
 def seeds_text(df: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
@@ -194,8 +196,9 @@ def table1(df: pd.DataFrame, space: str = "client") -> Table:
             for r in df.itertuples() for t, a in enumerate(getattr(r, key)["acc"])]
     rows = order_names(df)
     better = {r["column"]: "max" for r in recs}
-    return aggregate(pd.DataFrame(recs), rows, f"Task-wise accuracy (%, {space} space): accuracy after each task "
-                     "on the test sets of all tasks so far, mean ± std over seeds", better=better, fmt={},
+    title = (f"Task-wise accuracy (%, {space} space): accuracy after each task on the test sets of all tasks "
+             "so far, mean ± std over seeds")
+    return aggregate(pd.DataFrame(recs), rows, title, better=better, fmt={},
                      text=seeds_text(df, rows)) if recs else _empty()
 
 
@@ -208,7 +211,8 @@ _SUMMARY_ACC = [("final_acc", "final acc", "max"), ("avg_incremental_acc", "avg 
                 ("forgetting", "forgetting", "min"), ("bwt", "BWT", "max")]
 _SUMMARY_COST = [("mb_up_per_client", "MB up/client", "min", ".3g"),
                  ("mb_down_per_client", "MB down/client", "min", ".3g"),
-                 ("tflops_per_client", "TFLOPs/client", "min", ".3g"), ("wall_seconds", "wall s", "min", ".1f")]
+                 ("tflops_per_client", "TFLOPs/client", "min", ".3g"),
+                 ("wall_seconds", "wall s", "min", ".1f")]
 
 
 def summary_table(df: pd.DataFrame, dataset: str) -> Table:
@@ -225,9 +229,9 @@ def summary_table(df: pd.DataFrame, dataset: str) -> Table:
             recs.append({"name": r.name, "header": "cost", "column": col, "value": float(getattr(r, key))})
             better[("cost", col)], fmt[("cost", col)] = b, f
     rows = order_names(sub)
-    return aggregate(pd.DataFrame(recs), rows, f"Summary on {dataset}: accuracies in % (client space: classes the "
-                     "client has seen; global space: classes any client has seen); MB and TFLOPs per client, "
-                     "totals over the run", better=better, fmt=fmt, text=seeds_text(sub, rows))
+    title = (f"Summary on {dataset}: accuracies in % (client space: classes the client has seen; global "
+             "space: classes any client has seen); MB and TFLOPs per client, totals over the run")
+    return aggregate(pd.DataFrame(recs), rows, title, better=better, fmt=fmt, text=seeds_text(sub, rows))
 
 
 def varied_keys(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
@@ -257,13 +261,13 @@ def variants_table(df: pd.DataFrame, method: str) -> Table | None:
     text.insert(0, "seeds", seeds_text(sub, rows)["seeds"])
     recs = [{"name": r.name, "header": r.dataset, "column": "final acc", "value": 100.0 * r.final_acc}
             for r in sub.itertuples()]
-    return aggregate(pd.DataFrame(recs), rows, f"Variants of {method} (Table 2 format): final accuracy (%, client "
-                     "space) on all tasks; the columns before it are the settings that differ",
-                     better={"final acc": "max"}, fmt={}, text=text)
+    title = (f"Variants of {method} (Table 2 format): final accuracy (%, client space) on all tasks; the "
+             "columns before it are the settings that differ")
+    return aggregate(pd.DataFrame(recs), rows, title, better={"final acc": "max"}, fmt={}, text=text)
 
 
 @dataclass
-class Sweep:
+class SensitivitySweep:
     """Labels of one method that differ only in one numeric key, one label (or more) per value."""
 
     method: str
@@ -271,7 +275,7 @@ class Sweep:
     values: dict[str, float]      # name -> value
 
 
-def find_sweeps(df: pd.DataFrame, min_values: int = 3) -> list[Sweep]:
+def find_sweeps(df: pd.DataFrame, min_values: int = 3) -> list[SensitivitySweep]:
     """Sensitivity sweeps (Figs. 3, 5): for each method and numeric key, the largest set of labels whose
     configs agree on everything else and take at least ``min_values`` distinct values of that key."""
     sweeps = []
@@ -287,7 +291,7 @@ def find_sweeps(df: pd.DataFrame, min_values: int = 3) -> list[Sweep]:
                         and len(members) > len(best):
                     best = {n: float(v) for n, v in vals.items()}
             if best:
-                sweeps.append(Sweep(str(method), key, best))
+                sweeps.append(SensitivitySweep(str(method), key, best))
     return sweeps
 
 
@@ -312,7 +316,8 @@ def failed_table(df: pd.DataFrame) -> pd.DataFrame:
     """Runs that did not complete: suite, label, dataset, seed, state, reason, path."""
     bad = df[~df["state"].eq("completed")]
     out = bad[["suite", "label", "dataset", "seed", "state", "reason", "path"]].copy()
-    out["reason"] = out["reason"].fillna("").astype(str).replace("", "(no reason recorded: unfinished or killed)")
+    reason = out["reason"].fillna("").astype(str)
+    out["reason"] = reason.replace("", "(no reason recorded: unfinished or killed)")
     return out.reset_index(drop=True)
 
 
@@ -362,7 +367,8 @@ def to_markdown(t: Table) -> str:
     """A GitHub Markdown table; best value per column in bold."""
     tcols = list(t.text.columns)
     head = [t.row_header, *tcols, *(_header(c) for c in t.columns)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * (1 + len(tcols)) + ["---:"] * len(t.columns)) + "|"]
+    rule = ["---"] * (1 + len(tcols)) + ["---:"] * len(t.columns)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
     best = {c: _best(t, c) for c in t.columns}
     for r in t.rows:
         cells = [r, *(_text_cell(t.text.at[r, k], "md") for k in tcols)]
@@ -381,13 +387,14 @@ def to_csv(t: Table) -> str:
         out[k] = t.text[k].map(lambda v: ",".join(map(str, v)) if isinstance(v, list) else v)
     for c in t.columns:
         base = "/".join(x for x in c if x)
-        out[f"{base}/mean"], out[f"{base}/std"], out[f"{base}/n"] = t.mean[c], t.std[c], t.n[c].astype("Int64")
+        out[f"{base}/mean"], out[f"{base}/std"] = t.mean[c], t.std[c]
+        out[f"{base}/n"] = t.n[c].astype("Int64")
     return out.to_csv()
 
 
 def latex_escape(s: str) -> str:
     rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
     return "".join(rep.get(ch, ch) for ch in s)
 
 
