@@ -83,6 +83,8 @@ def summarise(correct: np.ndarray, total: np.ndarray) -> dict:
         "bwt": float(bwt_c.mean()),
         "per_client": {
             "acc": acc_c.tolist(),
+            "task_mean_acc": task_mean_c.tolist(),
+            "avg_incremental_acc": acc_c.mean(1).tolist(),
             "final_acc": acc_c[:, -1].tolist(),
             "forgetting": forg_c.tolist(),
             "bwt": bwt_c.tolist(),

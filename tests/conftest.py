@@ -3,7 +3,11 @@ small suite run shared by the CLI and store tests.
 
 Every session gets its own empty ``$FCL_BENCH_CACHE`` so CI starts clean and tests never touch
 ``~/.cache/fcl-bench``. Set ``FCL_BENCH_TEST_CACHE=DIR`` to reuse a cache across local sessions (the
-synthetic dataset takes about a minute of CPU to generate).
+synthetic dataset takes 10-20 s to generate).
+
+Tests run torch on one intra-op thread (``FCL_BENCH_TEST_THREADS=N`` to change; subprocesses inherit it
+through ``OMP_NUM_THREADS``): the tensors are tiny, and on a busy 2-core machine threads that spin-wait
+for each other made the smoke runs up to 7x slower.
 """
 
 from __future__ import annotations
@@ -21,6 +25,22 @@ from click.testing import CliRunner, Result
 #: The smallest useful run: the smoke protocol, a random-init tiny ViT (no pretraining) and timm's
 #: 0.37M-parameter test ResNet as the client model.
 SMOKE_OPTS = ("--preset", "smoke", "-o", "foundation_pretrained=false", "-o", "small_models=test_resnet", "--quiet")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads() -> Iterator[int]:
+    import torch
+
+    n = int(os.environ.get("FCL_BENCH_TEST_THREADS", "1"))
+    old, old_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    yield n
+    torch.set_num_threads(old)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
 
 
 @pytest.fixture(scope="session", autouse=True)

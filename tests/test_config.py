@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from fcl_bench.config import PRESETS, ConfigError, RunConfig, apply_overrides, preset, split_overrides
+from fcl_bench.config import PRESETS, ConfigError, apply_overrides, preset, split_overrides
 
 
 @dataclass

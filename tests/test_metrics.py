@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fcl_bench.metrics import accuracy_matrix, acc_per_task, summarise
+from fcl_bench.metrics import acc_per_task, accuracy_matrix, summarise
 
 NAN = np.nan
 
@@ -46,14 +46,18 @@ def test_acc_is_sample_weighted_over_seen_tasks_then_averaged_over_clients():
     assert np.array(s["per_client"]["acc"]) == pytest.approx(per_client)
     assert s["final_acc"] == pytest.approx((25 / 40 + 21 / 40) / 2)
     assert s["avg_incremental_acc"] == pytest.approx(per_client.mean(0).mean())
+    assert s["per_client"]["avg_incremental_acc"] == pytest.approx(per_client.mean(1).tolist())
+    assert s["per_client"]["final_acc"] == pytest.approx([25 / 40, 21 / 40])
     # sample weighting matters here: client 1's task-mean after task 1 is 0.5 as well, but after task 2
     # (0.2 + 0.5 + 0.9) / 3 = 0.5333 differs from the sample-weighted 21/40 = 0.525
     assert s["acc"][2] != pytest.approx(s["task_mean_acc"][2])
 
 
 def test_task_mean_acc_is_the_unweighted_mean_over_seen_tasks():
-    expected = [np.mean([np.mean(A[c][t]) for c in range(2)]) for t in range(3)]
-    assert summarise(CORRECT, TOTAL)["task_mean_acc"] == pytest.approx(expected)
+    per_client = np.array([[np.mean(A[c][t]) for t in range(3)] for c in range(2)])
+    s = summarise(CORRECT, TOTAL)
+    assert s["task_mean_acc"] == pytest.approx(per_client.mean(0).tolist())
+    assert np.array(s["per_client"]["task_mean_acc"]) == pytest.approx(per_client)
 
 
 def test_forgetting_is_chaudhry_max_over_earlier_tasks_minus_final():
