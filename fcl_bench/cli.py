@@ -100,7 +100,10 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
                 raise C.ConfigError(f"override for '{m}', which is not among the methods run ({', '.join(names)})")
         base = _build_run_config(preset, run_over, dataset=dataset, data_root=data_root, download=download,
                                  foundation=foundation, foundation_weights=foundation_weights, device=device)
-        seed_list = [int(s) for s in seeds.split(",")] if seeds else [base.seed]
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else [base.seed]
+        except ValueError:
+            raise C.ConfigError(f"--seeds must be comma-separated integers, got '{seeds}'") from None
         if suite is not None:
             from fcl_bench.suites import load_suite
 
@@ -162,7 +165,11 @@ def execute(plan, classes, mcfgs, base: C.RunConfig, seeds, out: Path, suite: st
                 ws_key = Workspace.key_of(cfg)
                 if ws_key not in workspaces:
                     workspaces.clear()  # one workspace (data, scenario, feature cache) in memory at a time
-                    workspaces[ws_key] = Workspace.create(cfg, progress=not quiet)
+                    try:
+                        workspaces[ws_key] = Workspace.create(cfg, progress=not quiet)
+                    except _user_errors() as e:  # bad data or protocol: every run would fail the same way
+                        rec.fail(f"{type(e).__name__}: {e}", time.perf_counter() - t0)
+                        raise UserError(str(e)) from None
                 ws = workspaces[ws_key]
                 ws.cfg = cfg  # same data and scenario; per-run settings such as small_models may differ
                 cls = classes[p.method]

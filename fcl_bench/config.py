@@ -85,11 +85,11 @@ class RunConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds: for tests and a first look
-    "smoke": dict(dataset="synthetic", foundation="tiny", small_models=["resnet10t"], small_width=64,
+    "smoke": dict(dataset="synthetic", foundation="tiny", small_models=["mobilenetv3_small_050"], small_width=64,
                   clients=2, private=2, public=2, tasks=2, classes_per_task=2, rounds_per_task=1, epochs=1,
                   batch_size=32, train_per_class=16, test_per_class=8, alpha=1.0),
     # minutes on a laptop CPU for every method; the default of `fcl-bench run`
-    "quick": dict(dataset="synthetic", foundation="tiny", small_models=["resnet10t"], small_width=128,
+    "quick": dict(dataset="synthetic", foundation="tiny", small_models=["mobilenetv3_small_050"], small_width=128,
                   clients=3, private=4, public=8, tasks=3, classes_per_task=4, rounds_per_task=2, epochs=1,
                   batch_size=32, train_per_class=80, test_per_class=40, alpha=0.5),
     # the paper's protocol (section 5.1): ViT-B/16 at 224, resnet18 clients, Adam lr 1e-3

@@ -205,11 +205,15 @@ def run_method(method_cls: type[Method], method_cfg: Any, ws: Workspace, log: Ca
             tally.rows.extend(round_rows.values())
         with timer() as st:
             extra = server.end_task(t)
-        for c, payload in extra.items():
-            recv, msg = _send(payload, f"server end-of-task download to client {c}", ws.device)
-            clients[c].receive(recv)
-            tally.rows.append(dict(task=t, round=R, client=c, phase="end_task", bytes_up=0, bytes_down=msg.nbytes,
-                                   train_seconds=0.0, flops=0, flops_measured=True, server_seconds=st[0]))
+        for c in range(K):  # one row per client, so end-of-task server time and bytes are never lost
+            payload = extra.get(c)
+            nbytes = 0
+            if payload is not None:
+                recv, msg = _send(payload, f"server end-of-task download to client {c}", ws.device)
+                clients[c].receive(recv)
+                nbytes = msg.nbytes
+            tally.rows.append(dict(task=t, round=R, client=c, phase="end_task", bytes_up=0, bytes_down=nbytes,
+                                   train_seconds=0.0, flops=0, flops_measured=True, server_seconds=st[0] / K))
         for c in range(K):
             clients[c].end_task()
         _evaluate(ws, clients, t, pre, correct, total)

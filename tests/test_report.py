@@ -28,8 +28,8 @@ def real(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("results")
     args = ["run", "--methods", "fedavg", "--preset", "smoke", "--seeds", ",".join(map(str, SEEDS)), "--out",
-            str(root), "--suite", "smoke", "-o", "foundation_pretrained=false", "--quiet"]
-    res = CliRunner().invoke(main, args, env={"FCL_BENCH_CACHE": str(tmp_path_factory.mktemp("cache"))})
+            str(root), "-o", "foundation_pretrained=false", "--quiet"]
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     return root
 
