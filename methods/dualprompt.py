@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from fcl_bench.api import Client, Env, Method, Server, Task
+from fcl_bench.config import ConfigError
 from fcl_bench.data import Batch
 from fcl_bench.methods.fedavg import AveragingServer
 from fcl_bench.nn.prompt_methods import PromptClient, fit_layers, linear_head, scaled_lr, seeded
@@ -54,19 +55,23 @@ class DualPromptConfig:
     prompt_mask: bool = True                   # train task t with E-prompt t
     copy_prompt: bool = True                   # init E-prompt t from t - 1 (shared_prompt_pool)
     copy_key: bool = False                     # also its key (shared_prompt_key; off in the official config)
-    batchwise: bool = False                    # official batch-wise selection (predictions depend on the batch)
+    batchwise: bool = False                    # official batch-wise selection (batch-dependent predictions)
     train_mask: bool = True                    # logits outside the current task set to -inf in training
     init: Literal["uniform", "zero"] = "uniform"  # prefixes and keys
 
-    def check(self) -> None:
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field that cannot work."""
         for k in ("g_length", "e_pool_size", "e_length"):
             if getattr(self, k) < 1:
-                raise ValueError(f"dualprompt.{k} must be >= 1, got {getattr(self, k)}")
+                raise ConfigError(f"dualprompt.{k} must be >= 1, got {getattr(self, k)}")
         for k in ("g_layers", "e_layers"):
-            if not getattr(self, k):
-                raise ValueError(f"dualprompt.{k} needs at least one block index, e.g. {k}=0,1")
+            layers = getattr(self, k)
+            if not layers or min(layers) < 0:
+                raise ConfigError(f"dualprompt.{k} needs block indices >= 0, e.g. {k}=0,1; "
+                                  f"got {list(layers)}")
         if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"dualprompt.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"dualprompt.lr must be > 0 (or none for 0.03 * batch_size / 256), "
+                              f"got {self.lr}")
 
 
 class DualPromptModel(nn.Module):
@@ -126,19 +131,19 @@ class DualPrompt(Method):
 
     def __init__(self, config: DualPromptConfig, env: Env):
         super().__init__(config, env)
-        config.check()
+        config.validate()
         if getattr(env.foundation.vit, "cls_token", None) is None:
-            raise ValueError("dualprompt queries with and classifies the CLS token; this foundation model has "
-                             "no class token")
+            raise ValueError("dualprompt queries with and classifies the CLS token; this foundation model "
+                             "has no class token (use a ViT with class_token=True)")
         depth = env.foundation.depth
         self.g_layers = fit_layers(config.g_layers, depth)
         self.e_layers = fit_layers(config.e_layers, depth)
         if (self.g_layers, self.e_layers) != (tuple(config.g_layers), tuple(config.e_layers)):
-            env.log(f"[dualprompt] the foundation model has {depth} blocks: G-prompt on blocks {self.g_layers}, "
-                    f"E-prompt on blocks {self.e_layers}")
+            env.log(f"[dualprompt] the foundation model has {depth} blocks: G-prompt on blocks "
+                    f"{self.g_layers}, E-prompt on blocks {self.e_layers}")
         if env.scenario.num_tasks > config.e_pool_size:
-            env.log(f"[dualprompt] {env.scenario.num_tasks} tasks > e_pool_size {config.e_pool_size}: tasks from "
-                    f"{config.e_pool_size} on train with key-matched E-prompts (official behaviour)")
+            env.log(f"[dualprompt] {env.scenario.num_tasks} tasks > e_pool_size {config.e_pool_size}: tasks "
+                    f"from {config.e_pool_size} on train with key-matched E-prompts (official behaviour)")
 
     def client(self, client_id: int) -> Client:
         return DualPromptClient(self.config, self.env, client_id, self.g_layers, self.e_layers)

@@ -6,7 +6,8 @@ come from the run's feature cache (:class:`~fcl_bench.nn.cache.FeatureCache`): e
 ViT once per run, whatever the rounds, clients and tasks. ``cache=False`` recomputes them every step (for
 the benchmark and as a check). Training: cross-entropy with logits restricted to the classes the client has
 seen so far (like :mod:`fcl_bench.methods.fedavg`), Adam lr 1e-3 (the paper's protocol), the optimiser
-re-created each task. Communicated per round: the head (``d * C + C`` floats), down and up.
+re-created each task; every client starts from the same seeded head. Communicated per round: the head
+(``d * C + C`` floats), down and up.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class FedViTClient(Client):
 
     def __init__(self, cfg: FedViTConfig, env: Env, client_id: int):
         self.cfg, self.env, self.id = cfg, env, client_id
-        self.model = nn.Linear(env.foundation.embed_dim, env.scenario.num_classes).to(env.device)
+        # every client starts from the same head, as if the server had broadcast its initial model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(env.seed)
+            self.model = nn.Linear(env.foundation.embed_dim, env.scenario.num_classes).to(env.device)
         self.task: Task | None = None
 
     def features(self, batch: Batch) -> torch.Tensor:
@@ -49,7 +53,8 @@ class FedViTClient(Client):
     def start_task(self, task: Task) -> None:
         self.task = task
         self.allowed = torch.as_tensor(task.seen_classes, device=self.env.device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr,
+                                    weight_decay=self.cfg.weight_decay)
 
     def train_round(self) -> Payload:
         g = self.env.generator(self.id)
@@ -74,7 +79,7 @@ class FedViTClient(Client):
 @register
 class FedViT(Method):
     name = "fedvit"
-    description = "FedAvg+ViT: frozen ViT, cached CLS features, a linear head over all classes averaged by n_k"
+    description = "FedAvg+ViT: frozen ViT, cached CLS features, a linear head averaged by n_k"
     Config = FedViTConfig
 
     def client(self, client_id: int) -> Client:

@@ -39,6 +39,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from fcl_bench.api import Client, Env, Method, Server
+from fcl_bench.config import ConfigError
 from fcl_bench.data import Batch
 from fcl_bench.methods.fedavg import AveragingServer
 from fcl_bench.nn.prompt_methods import PromptClient, linear_head, scaled_lr, seeded
@@ -61,31 +62,34 @@ class L2PConfig:
     pull_lambda: float | None = None   # lambda of the key pull term
     lr: float | None = None            # Adam; None: 0.03 * batch_size / 256
     clip_grad: float = 1.0             # max gradient norm (<= 0: off)
-    batchwise: bool = False            # official batch-wise prompt selection (predictions depend on the batch)
+    batchwise: bool = False            # official batch-wise selection (predictions depend on the batch)
     train_mask: bool = True            # logits outside the current task set to -inf in training
     init: Literal["uniform", "zero"] = "uniform"  # prompts and keys
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for unknown ``defaults`` or values that cannot work once filled in."""
+        if self.defaults not in L2P_DEFAULTS:
+            raise ConfigError(f"l2p.defaults must be one of {', '.join(L2P_DEFAULTS)}; got '{self.defaults}'")
+        d = L2P_DEFAULTS[self.defaults]
+        size = {k: int(d[k]) if getattr(self, k) is None else getattr(self, k)
+                for k in ("pool_size", "length", "top_n")}
+        for k, v in size.items():
+            if v < 1:
+                raise ConfigError(f"l2p.{k} must be >= 1, got {v}")
+        if size["top_n"] > size["pool_size"]:
+            raise ConfigError(f"l2p.top_n ({size['top_n']}) cannot exceed l2p.pool_size "
+                              f"({size['pool_size']}); lower top_n or enlarge the pool")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"l2p.lr must be > 0 (or none for 0.03 * batch_size / 256), got {self.lr}")
+
     def resolved(self, batch_size: int) -> L2PConfig:
         """A copy with every ``None`` field filled from ``defaults`` (explicit values kept)."""
-        if self.defaults not in L2P_DEFAULTS:
-            raise ValueError(f"l2p.defaults must be one of {', '.join(L2P_DEFAULTS)}; got '{self.defaults}'")
+        self.validate()
         d = L2P_DEFAULTS[self.defaults]
         fill = {k: d[k] for k in ("pool_size", "length", "top_n", "pull_lambda") if getattr(self, k) is None}
         if self.lr is None:
             fill["lr"] = scaled_lr(d["base_lr"], batch_size)
-        out = dataclasses.replace(self, **fill)
-        out.check()
-        return out
-
-    def check(self) -> None:
-        for k in ("pool_size", "length", "top_n"):
-            if getattr(self, k) < 1:
-                raise ValueError(f"l2p.{k} must be >= 1, got {getattr(self, k)}")
-        if self.top_n > self.pool_size:
-            raise ValueError(f"l2p.top_n ({self.top_n}) cannot exceed l2p.pool_size ({self.pool_size}); "
-                             "lower top_n or enlarge the pool")
-        if self.lr <= 0:
-            raise ValueError(f"l2p.lr must be > 0, got {self.lr}")
+        return dataclasses.replace(self, **fill)
 
 
 class L2PModel(nn.Module):
@@ -116,13 +120,14 @@ class L2PClient(PromptClient):
 @register
 class L2P(Method):
     name = "l2p"
-    description = "FedAvg+L2P: prompt pool with key-query selection on the frozen ViT; prompts, keys, head averaged"
+    description = "FedAvg+L2P: key-matched prompt pool on the frozen ViT; prompts, keys, head averaged"
     Config = L2PConfig
 
     def __init__(self, config: L2PConfig, env: Env):
         super().__init__(config.resolved(env.batch_size), env)
         if getattr(env.foundation.vit, "cls_token", None) is None:
-            raise ValueError("l2p queries with the frozen CLS feature; this foundation model has no class token")
+            raise ValueError("l2p queries with the frozen CLS feature; this foundation model has no class "
+                             "token (use a ViT with class_token=True)")
         c = self.config
         env.log(f"[l2p] defaults={c.defaults}: pool_size={c.pool_size} length={c.length} top_n={c.top_n} "
                 f"pull_lambda={c.pull_lambda} lr={c.lr:g} batchwise={c.batchwise}")
