@@ -165,7 +165,7 @@ def test_smoke_heterogeneous_uploads_are_phi_and_fs_only():
                      flops="off")
     assert len(res.metrics["acc"]) == cfg.tasks
     uploads = res.metrics["wire"]["client_uploads"]
-    for c, manifest in uploads.items():
+    for manifest in uploads.values():
         assert set(manifest) == {"phi.weight", "phi.bias", "fs", "__num_samples__"}, manifest
         assert manifest["fs"]["shape"][1] == cfg.small_width
     rounds = res.rounds[res.rounds.phase == "round"]
