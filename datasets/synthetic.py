@@ -38,17 +38,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save
 
 from fcl_bench.data import Dataset, Preprocess, TensorSource
+from fcl_bench.store import atomic_write
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # bump whenever the images for a given seed and sizes change
 IMAGE_SIZE = 32
 
 #: What the tiny ViT pretrained on the synthetic classes expects (see ``fcl_bench.nn.tiny_vit``).
@@ -168,20 +169,25 @@ def _signed_distance(shape: torch.Tensor, px: torch.Tensor, py: torch.Tensor) ->
     return out
 
 
+def _per_image(a: np.ndarray) -> torch.Tensor:
+    """``(B,)`` parameters -> float ``(B, 1, 1)``, broadcastable against ``(B, H, W)`` maps."""
+    return torch.as_tensor(a, dtype=torch.float32).view(-1, 1, 1)
+
+
 def _render_objects(canvas: torch.Tensor, o: _Objects) -> torch.Tensor:
     """Paint one object per image onto ``canvas`` (float ``(B, 3, H, W)``), alpha-blended."""
     xx, yy = _grid()
-    t = lambda a: torch.as_tensor(a, dtype=torch.float32).view(-1, 1, 1)  # noqa: E731
-    dx, dy, scale = xx - t(o.cx), yy - t(o.cy), t(o.scale)
-    rot = t(o.rotation)
+    dx, dy, scale = xx - _per_image(o.cx), yy - _per_image(o.cy), _per_image(o.scale)
+    rot = _per_image(o.rotation)
     px = (torch.cos(rot) * dx + torch.sin(rot) * dy) / scale
     py = (-torch.sin(rot) * dx + torch.cos(rot) * dy) / scale
     dist_px = _signed_distance(torch.as_tensor(o.shape), px, py) * scale * (IMAGE_SIZE / 2)
     alpha = (0.5 - dist_px).clamp(0, 1).unsqueeze(1)            # one pixel of anti-aliasing
-    ang = t(o.angle)
+    ang = _per_image(o.angle)
     # Stripes run in image coordinates and scale with the object: `freq` cycles across its diameter.
     u = (torch.cos(ang) * dx + torch.sin(ang) * dy) / scale
-    stripe = (0.5 + 1.5 * torch.sin(np.pi * t(o.freq) * u + t(o.phase))).clamp(0, 1).unsqueeze(1)
+    wave = torch.sin(np.pi * _per_image(o.freq) * u + _per_image(o.phase))
+    stripe = (0.5 + 1.5 * wave).clamp(0, 1).unsqueeze(1)                # soft-edged square wave
     colour = (_PALETTE[torch.as_tensor(o.colour)] * torch.as_tensor(o.gain, dtype=torch.float32)).view(-1, 3, 1, 1)
     fill = colour * (1 - 0.65 * stripe)
     return canvas * (1 - alpha) + fill * alpha
@@ -258,6 +264,7 @@ def generate(seed: int = 0, num_classes: int = 100, train_per_class: int = 300, 
 
 
 def _content_hash(arrays: dict[str, torch.Tensor], prefix: str = "") -> str:
+    """A hash of the names and bytes of the arrays whose name starts with ``prefix``."""
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(arrays):
         if name.startswith(prefix):
@@ -273,12 +280,10 @@ def _fingerprints(arrays: dict[str, torch.Tensor]) -> dict[str, str]:
 
 def _read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """The cached arrays and their metadata if the file is complete and its content hash matches."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        arrays = load_file(str(path))
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
     except Exception:  # missing, truncated or not a safetensors file: regenerate
         return None
     expected = {f"{s}_{k}" for s in _SPLITS for k in ("images", "labels")} | {"factors"}
@@ -287,23 +292,9 @@ def _read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | 
     return arrays, meta
 
 
-def _write_cache(path: Path, arrays: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write atomically (temporary file + rename) so a crash never leaves a partial cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(arrays, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared like any other user file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def default_cache_dir() -> Path:
-    """``$FCL_BENCH_CACHE/synthetic`` (default ``~/.cache/fcl-bench/synthetic``)."""
-    return Path(os.environ.get("FCL_BENCH_CACHE", Path.home() / ".cache" / "fcl-bench")).expanduser() / "synthetic"
+def cache_root() -> Path:
+    """The suite's cache folder: ``$FCL_BENCH_CACHE`` or ``~/.cache/fcl-bench``."""
+    return Path(os.environ.get("FCL_BENCH_CACHE", Path.home() / ".cache" / "fcl-bench")).expanduser()
 
 
 def load_synthetic(root: str | Path | None = None, download: bool = False, seed: int = 0, num_classes: int = 100,
@@ -312,7 +303,7 @@ def load_synthetic(root: str | Path | None = None, download: bool = False, seed:
     """The synthetic dataset: ``num_classes`` FCL classes plus ``pretrain_classes`` disjoint pretraining
     classes (``Dataset.pretrain``), generated once and cached.
 
-    ``root`` is the cache directory (default :func:`default_cache_dir`); ``download`` is accepted for
+    ``root`` is the cache directory (default ``cache_root() / "synthetic"``); ``download`` is accepted for
     interface parity with file-backed datasets and ignored: nothing is downloaded. Defaults: 100 FCL
     classes x (300 train, 60 test) and 100 pretraining classes x (500 train, 20 test) images.
     """
@@ -322,14 +313,16 @@ def load_synthetic(root: str | Path | None = None, download: bool = False, seed:
     for name, value in sizes.items():
         if not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"synthetic dataset: {name} must be a positive integer, got {value!r}")
-    cache = Path(root).expanduser() if root is not None else default_cache_dir()
-    stem = "-".join(f"{v}" for v in sizes.values())
-    path = cache / f"synthetic-v{GENERATOR_VERSION}-seed{seed}-{stem}.safetensors"
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"synthetic dataset: seed must be a non-negative integer, got {seed!r}")
+    cache = Path(root).expanduser() if root is not None else cache_root() / "synthetic"
+    shape = "c{}x{}x{}-p{}x{}x{}".format(*sizes.values())
+    path = cache / f"synthetic-v{GENERATOR_VERSION}-seed{seed}-{shape}.safetensors"
     cached = _read_cache(path)
     if cached is None:
         arrays = generate(seed, **sizes)
         meta = {**_fingerprints(arrays), "version": GENERATOR_VERSION}
-        _write_cache(path, arrays, meta)
+        atomic_write(path, save(arrays, metadata=meta))  # a crash never leaves a partial cache file
     else:
         arrays, meta = cached
     return _to_dataset(arrays, meta, seed, sizes)
@@ -342,12 +335,13 @@ def _to_dataset(arrays: dict[str, torch.Tensor], meta: dict[str, str], seed: int
     def split(prefix: str) -> TensorSource:
         return TensorSource(arrays[f"{prefix}_images"], arrays[f"{prefix}_labels"].numpy())
 
-    info = {"generator_version": GENERATOR_VERSION, "seed": seed, **sizes, "factor_names": FACTOR_NAMES,
+    # JSON-friendly: runs record dataset info. factors[i] is class i's (shape, colour, freq, angle, layout).
+    info = {"generator_version": GENERATOR_VERSION, "seed": seed, **sizes, "factor_names": list(FACTOR_NAMES),
             "preprocess": SYNTHETIC_PREPROCESS.to_dict()}
     pretrain = Dataset(name="synthetic-pretrain", train=split("pretrain_train"), test=split("pretrain_test"),
                        classes=[class_name(f) for f in factors[c:]],
                        fingerprint=meta["pretrain_fingerprint"], native_size=IMAGE_SIZE,
-                       info={**info, "factors": factors[c:]})
+                       info={**info, "factors": factors[c:].tolist()})
     return Dataset(name="synthetic", train=split("train"), test=split("test"),
                    classes=[class_name(f) for f in factors[:c]], fingerprint=meta["fingerprint"],
-                   native_size=IMAGE_SIZE, pretrain=pretrain, info={**info, "factors": factors[:c]})
+                   native_size=IMAGE_SIZE, pretrain=pretrain, info={**info, "factors": factors[:c].tolist()})

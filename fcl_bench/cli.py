@@ -176,15 +176,15 @@ def execute(plan, classes, mcfgs, base: C.RunConfig, seeds, out: Path, suite: st
                 log(f"== {p.label} ({p.method}) on {cfg.dataset}, seed {seed}, scenario {ws.scenario.short_hash}")
                 ws.scenario.save(rec.path / "scenario.json")
 
-                def write_config(_rec=rec, _p=p, _cfg=cfg, _ws=ws) -> None:
+                def write_config(mcfg, _rec=rec, _p=p, _cfg=cfg, _ws=ws) -> None:
                     write_json(_rec.path / "config.json", {
                         "suite": suite, "method": _p.method, "label": _p.label, "run": _cfg.to_dict(),
-                        "method_config": dataclasses.asdict(mcfgs[_p.label]), **describe(_ws),
+                        "method_config": dataclasses.asdict(mcfg), **describe(_ws),
                         "command": " ".join(sys.argv)})
 
-                write_config()  # also for runs that fail
+                write_config(mcfgs[p.label])  # also for runs that fail
                 result = run_method(cls, mcfgs[p.label], ws, log=log, progress=not quiet, flops=flops)
-                write_config()  # now with the foundation model's description
+                write_config(result.method_config)  # as resolved, with the foundation model's description
                 rec.finish(result.metrics, result.rounds, result.seconds)
                 log(f"   final_acc {result.metrics['final_acc']:.4f}  ({result.seconds:.1f} s)")
             except KeyboardInterrupt:

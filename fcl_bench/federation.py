@@ -105,6 +105,7 @@ class RunResult:
     metrics: dict
     rounds: pd.DataFrame
     seconds: float
+    method_config: Any = None  # as the method resolved it (e.g. named defaults filled in)
 
 
 @dataclass
@@ -242,7 +243,7 @@ def run_method(method_cls: type[Method], method_cfg: Any, ws: Workspace, log: Ca
         "num_classes": C,
         "wire": {"client_uploads": {str(c): v for c, v in tally.manifest.items()}},
     }
-    return RunResult(metrics=metrics, rounds=rounds, seconds=seconds)
+    return RunResult(metrics=metrics, rounds=rounds, seconds=seconds, method_config=method.config)
 
 
 @torch.no_grad()

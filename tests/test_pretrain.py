@@ -63,11 +63,21 @@ def test_pretrain_cache_round_trip_and_report(tiny_data, tmp_path, monkeypatch):
     (weights,) = (tmp_path / "tiny_vit").glob("*.safetensors")
     assert json.loads(weights.with_suffix(".json").read_text()) == report
 
-    monkeypatch.setattr(pretrain, "_fit", lambda *a, **k: pytest.fail("the cached model was not used"))
-    cached, cached_report = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=TINY_CFG, progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(pretrain, "_fit", lambda *a, **k: pytest.fail("the cached model was not used"))
+        cached, cached_report = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=TINY_CFG, progress=False)
     assert cached_report == report
+    assert vit.state_dict().keys() == cached.state_dict().keys()
     for (name, a), (_, b) in zip(vit.state_dict().items(), cached.state_dict().items()):
         assert torch.equal(a, b), name
+    x = tiny_data.test.load(np.arange(4), Preprocess(**TINY_VIT_CONFIG))
+    with torch.no_grad():
+        assert torch.equal(vit(x), cached(x))
+
+    weights.write_bytes(b"truncated")  # a damaged cache file is retrained, not an error
+    retrained, _ = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=TINY_CFG, progress=False, probe=False)
+    assert torch.equal(retrained.pos_embed, vit.pos_embed)     # same seed: the same weights again
+    assert weights.stat().st_size > 1000
 
 
 def test_pretraining_is_deterministic_and_keyed_by_seed(tiny_data, tmp_path):

@@ -44,7 +44,7 @@ def test_same_seed_same_images_other_seed_differs():
 
 
 def test_pretrain_classes_disjoint_and_factors_shared(small):
-    fcl, pre = small.info["factors"], small.pretrain.info["factors"]
+    fcl, pre = np.asarray(small.info["factors"]), np.asarray(small.pretrain.info["factors"])
     assert not set(small.classes) & set(small.pretrain.classes)
     assert not {tuple(r) for r in fcl} & {tuple(r) for r in pre}
     for factors in (fcl, pre):
@@ -97,7 +97,8 @@ def test_preprocess_matches_tiny_vit():
 
 
 @pytest.mark.parametrize("bad", [{"num_classes": 0}, {"train_per_class": -1}, {"test_per_class": 2.5},
-                                 {"num_classes": 2000, "pretrain_classes": 2000}])
+                                 {"num_classes": 2000, "pretrain_classes": 2000}, {"seed": -1}])
 def test_bad_sizes_are_clear_errors(tmp_path, bad):
-    with pytest.raises(ValueError, match="num_classes|per_class|tuples"):
+    with pytest.raises(ValueError, match="num_classes|per_class|tuples|seed"):
         load_synthetic(root=tmp_path, **{**TINY, **bad})
+    assert not list(tmp_path.iterdir())  # nothing cached

@@ -7,7 +7,8 @@ final-norm CLS feature ``(B, embed_dim)``. It is pretrained by :mod:`fcl_bench.n
 synthetic pretraining classes.
 
 Patch 8 on 32x32 inputs gives 16 patch tokens (+1 CLS): on a 2-core CPU this trains about 4x faster than
-patch 4 (64 tokens), which is what lets pretraining fit in a few minutes.
+patch 4 (64 tokens: 140 vs 560 img/s in fp32), which is what lets pretraining fit in about two minutes.
+The default depth is 6; keep at least 4 blocks for the methods' defaults, which adapt block 3.
 """
 
 from __future__ import annotations
