@@ -81,14 +81,20 @@ def common(f):
               help="a Python file defining Method subclasses; repeatable")
 @click.option("--flops", default="sampled", show_default=True, type=click.Choice(["sampled", "all", "off"]),
               help="FLOP counting: first round of each task per client (sampled), every round, or none")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy machine)")
 @click.option("--force", is_flag=True, help="re-run runs that already completed")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def run(methods, preset, dataset, data_root, download, foundation, foundation_weights, overrides, seeds, out,
-        suite, device, plugins, flops, force, quiet):
+        suite, device, plugins, flops, threads, force, quiet):
     """Run methods (or a suite) on a preset; results go to OUT/SUITE/LABEL/DATASET/seedK/, where SUITE is the
     suite's name or, for plain runs, the preset's."""
     from fcl_bench import registry
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         for p in plugins:
             registry.load_plugin_file(p)
