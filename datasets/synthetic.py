@@ -30,8 +30,16 @@ anti-aliasing); per-sample parameters come from a numpy ``Generator`` seeded by 
 cached as uint8 safetensors under ``$FCL_BENCH_CACHE/synthetic`` (default ``~/.cache/fcl-bench``), keyed by
 generator version, seed and sizes; writes are atomic and a corrupt file is regenerated.
 
-Calibration (seed 0, default sizes, 2-core CPU; ``python -m fcl_bench.nn.pretrain``):
-CALIBRATION_PLACEHOLDER
+Calibration, measured with ``python -m fcl_bench.nn.pretrain`` (seed 0, default sizes; 2-core AMD EPYC
+with AVX512-BF16, torch 2.14, 2 threads, machine mostly idle):
+
+* generating all 88,000 images: 7 s; cache file 271 MB; loading it back (with the hash check): 0.35 s.
+* linear probe on per-image mean colour (3 features), 100 FCL classes: 2.2% test accuracy (chance 1%).
+* linear probe on the tiny ViT's final-norm CLS feature, all 100 FCL classes jointly (300 train / 60 test
+  images per class, multinomial logistic regression): random init 12.3%, pretrained 55.9%.
+* pretraining (2 epochs over the 50,000 pretraining images, bf16 autocast): 137 s (731 img/s), 51.5% test
+  accuracy on the 100 pretraining classes; both probes add 54 s. With fp32 (CPUs without bf16) training
+  runs at about 570 img/s, i.e. about 3 minutes. Reloading the cached model takes 0.03 s.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG, build_tiny_vit
 
 TINY_CFG = PretrainConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2, epochs=1, batch_size=16)
 REPORT_KEYS = {"version", "key", "dataset_fingerprint", "seed", "config", "epochs", "train_seconds",
-               "images_per_second", "final_train_loss", "pretrain_test_accuracy", "probe_accuracy_pretrained",
-               "probe_accuracy_random_init"}
+               "images_per_second", "final_train_loss", "pretrain_test_accuracy", "probe_acc_pretrained",
+               "probe_acc_random_init"}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,16 @@ def test_tiny_vit_rejects_bad_shapes(kwargs):
         build_tiny_vit(**kwargs)
 
 
+def test_random_shift_crops_the_padded_image():
+    x = torch.rand(6, 3, 8, 8)
+    shifted = pretrain._random_shift(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate")
+    for i in range(len(x)):  # every output is one of the 5x5 crops of its own padded input
+        crops = [padded[i, :, dy:dy + 8, dx:dx + 8] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(shifted[i], c) for c in crops)
+    assert not torch.equal(shifted, x)
+
+
 def test_linear_classifier_separates_blobs_and_folds_standardisation():
     gen = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 8, generator=gen) * 4
@@ -58,7 +68,7 @@ def test_linear_classifier_separates_blobs_and_folds_standardisation():
 def test_pretrain_cache_round_trip_and_report(tiny_data, tmp_path, monkeypatch):
     vit, report = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=TINY_CFG, progress=False)
     assert REPORT_KEYS <= report.keys() and report["epochs"] == 1
-    assert 0 <= report["probe_accuracy_pretrained"] <= 1 and 0 <= report["probe_accuracy_random_init"] <= 1
+    assert 0 <= report["probe_acc_pretrained"] <= 1 and 0 <= report["probe_acc_random_init"] <= 1
     assert np.isfinite(report["final_train_loss"])
     (weights,) = (tmp_path / "tiny_vit").glob("*.safetensors")
     assert json.loads(weights.with_suffix(".json").read_text()) == report
@@ -105,7 +115,7 @@ def test_pretraining_reads_only_the_pretrain_classes(tiny_data, tmp_path):
     guarded = Dataset(name="guarded", train=_Forbidden(len(tiny_data.train)), test=_Forbidden(len(tiny_data.test)),
                       classes=tiny_data.classes, fingerprint="guarded", pretrain=tiny_data.pretrain)
     vit, report = pretrain_tiny_vit(guarded, cache_dir=tmp_path, config=TINY_CFG, progress=False, probe=False)
-    assert report["probe_accuracy_pretrained"] is None and vit.num_classes == 0
+    assert report["probe_acc_pretrained"] is None and vit.num_classes == 0
 
 
 def test_linear_probe_is_an_accuracy(tiny_data):
