@@ -157,9 +157,10 @@ def run_method(method_cls: type[Method], method_cfg: Any, ws: Workspace, log: Ca
                progress: bool = True, flops: str = "sampled") -> RunResult:
     """Run one method through all tasks and rounds of the workspace's scenario."""
     cfg, sc = ws.cfg, ws.scenario
+    env = build_env(ws, method_cls, log, progress)  # may pretrain the offline foundation model: not the method's time
+    # seeded after the foundation model is ready, so a cached or freshly trained model gives the same run
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    env = build_env(ws, method_cls, log, progress)  # may pretrain the offline foundation model: not the method's time
     t_start = time.perf_counter()
     pre = ws.foundation.preprocess if ws.foundation is not None else None
     if pre is None:
