@@ -19,8 +19,8 @@ from torch import nn
 
 from fcl_bench.api import Client, Env, Method, Payload, Server, Task
 from fcl_bench.data import Batch
-from fcl_bench.federation import check_finite
 from fcl_bench.nn.averaging import load_trainable, trainable_state, weighted_average
+from fcl_bench.nn.training import train_epochs
 from fcl_bench.registry import register
 
 N_KEY = "__num_samples__"
@@ -93,16 +93,7 @@ class FedAvgClient(Client):
 
     def train_round(self) -> Payload:
         self.model.train()
-        g = self.env.generator(self.id)
-        for _ in range(self.env.epochs):
-            for batch in self.task.train.batches(self.env.batch_size, shuffle=True, generator=g):
-                with self.env.autocast():
-                    loss = self.loss(batch)
-                check_finite(loss.detach(), f"client {self.id} loss")
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.before_step()
-                self.opt.step()
+        train_epochs(self.env, self.id, self.task.train, self.loss, self.opt, self.before_step)
         return upload_with_count(trainable_state(self.model), len(self.task.train))
 
     def receive(self, download: Payload) -> None:

@@ -44,11 +44,11 @@ from torch import nn
 
 from fcl_bench.api import Client, Env, Method, Payload, Server, Task
 from fcl_bench.data import Batch, ClientData, concat_views
-from fcl_bench.federation import check_finite
 from fcl_bench.nn.averaging import load_trainable, trainable_state, weighted_average
 from fcl_bench.nn.heads import GrowingHead
 from fcl_bench.nn.lora import LoRAGenerator, adapted_forward, check_target, lora_scale
 from fcl_bench.nn.o2d import o2d_closed_form, o2d_gradient
+from fcl_bench.nn.training import optimizer_step
 from fcl_bench.registry import register
 
 N_KEY = "__num_samples__"
@@ -137,10 +137,7 @@ class FedLSCLClient(Client):
         self.current_slots = None
 
     def _step(self, loss: torch.Tensor) -> None:
-        check_finite(loss.detach(), f"client {self.id} loss")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        optimizer_step(loss, self.opt, f"client {self.id} loss")
         self.last_loss = float(loss.detach())
 
     def _train_mode(self, on: bool) -> None:

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from fcl_bench.api import Client, Env, Payload, Task
 from fcl_bench.data import Batch
-from fcl_bench.federation import check_finite
 from fcl_bench.methods.fedavg import masked_logits, upload_with_count
 from fcl_bench.nn.averaging import load_trainable, trainable_state
+from fcl_bench.nn.training import train_epochs
 
 __all__ = ["PromptClient", "fit_layers", "linear_head", "scaled_lr", "seeded"]
 
@@ -118,17 +118,11 @@ class PromptClient(Client):
 
     def train_round(self) -> Payload:
         self.model.train()
-        g = self.env.generator(self.id)
-        for _ in range(self.env.epochs):
-            for batch in self.task.train.batches(self.env.batch_size, shuffle=True, generator=g):
-                with self.env.autocast():
-                    loss = self.loss(batch)
-                check_finite(loss.detach(), f"client {self.id} loss")
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.clip_grad > 0:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-                self.opt.step()
+
+        def clip() -> None:
+            if self.clip_grad > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        train_epochs(self.env, self.id, self.task.train, self.loss, self.opt, clip)
         return upload_with_count(trainable_state(self.model), len(self.task.train))
 
     def receive(self, download: Payload) -> None:
