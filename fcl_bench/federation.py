@@ -174,7 +174,7 @@ def run_method(method_cls: type[Method], method_cfg: Any, ws: Workspace, log: Ca
     C = sc.num_classes
     correct = {s: np.full((K, T, T), np.nan) for s in ("client", "global")}
     total = np.zeros((K, T))
-    bar = tqdm(total=T * R * K, disable=not progress, desc=method_cls.name, unit="step", leave=False)
+    bar = tqdm(total=T * R * K, disable=None if progress else True, desc=method_cls.name, unit="step", leave=False)
     for t in range(T):
         for c in range(K):
             data = ClientData(ws.dataset.train, sc.train_indices[c][t], "train", pre, ws.device)

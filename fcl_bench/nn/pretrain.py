@@ -216,7 +216,8 @@ def _fit(vit: VisionTransformer, pretrain: Dataset, cfg: PretrainConfig, seed: i
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="pretrain tiny ViT", disable=not progress, unit="step")
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="pretrain tiny ViT",
+               disable=None if progress else True, unit="step")  # None: off when not a terminal
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(labels), generator=gen)
         for lo in range(0, len(labels), cfg.batch_size):
