@@ -10,7 +10,6 @@ the result, so a broken combination is reported before anything runs.
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -108,7 +107,6 @@ PRESET_HELP = {
     "paper-cifar100": "paper protocol on CIFAR-100: 5 clients, 15 private + 25 public, 5 tasks x 8, ViT-B/16",
     "paper-imagenet-r": "paper protocol on ImageNet-R: 5 clients, 40 private, 0 public, 5 tasks x 8, ViT-B/16",
 }
-PAPER_SEEDS = (42, 1999, 2024)
 
 
 def preset(name: str) -> RunConfig:
@@ -187,8 +185,3 @@ def split_overrides(items: list[str] | tuple[str, ...]) -> tuple[dict[str, str],
         else:
             run[key] = value.strip()
     return run, per_method
-
-
-def config_to_dict(obj: Any) -> dict:
-    """A dataclass as JSON-ready values."""
-    return json.loads(json.dumps(dataclasses.asdict(obj), default=str))

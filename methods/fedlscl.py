@@ -104,7 +104,6 @@ class FedLSCLClient(Client):
         self.old: tuple[nn.Module, nn.Module | None] | None = None  # frozen theta^{n-1}, phi^{n-1}
         self.buffers: list[ClientData] = []   # fixed slots of earlier tasks
         self.current_slots: ClientData | None = None
-        self.last_loss = float("nan")
 
     # -- model -------------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
@@ -138,7 +137,6 @@ class FedLSCLClient(Client):
 
     def _step(self, loss: torch.Tensor) -> None:
         optimizer_step(loss, self.opt, f"client {self.id} loss")
-        self.last_loss = float(loss.detach())
 
     def _train_mode(self, on: bool) -> None:
         for m in self.modules():
