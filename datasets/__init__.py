@@ -73,6 +73,19 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     return entry.loader(path, download, seed)
 
 
+def check_dataset(name: str, root: str | Path | None = None, download: bool = False) -> None:
+    """The cheap checks of :func:`load_dataset`, without loading anything: a registered name, a data root
+    where one is needed, and a root that exists unless ``download`` may create it."""
+    entry = DATASETS.get(name.strip().lower())
+    if entry is None:
+        raise DatasetError(f"unknown dataset {name!r}; available datasets: {', '.join(available_datasets())}")
+    path = Path(root).expanduser() if root is not None and str(root) != "" else None
+    if entry.needs_root and path is None:
+        raise DatasetError(f"dataset {entry.name!r} needs a data root (--data-root DIR). {entry.how_to_get}")
+    if entry.needs_root and not download and not path.exists():
+        raise DatasetError(f"dataset {entry.name!r}: no folder at {path}. {entry.how_to_get}")
+
+
 def _lazy(module: str, function: str, **fixed) -> Loader:
     """A loader that imports ``.module`` on first use, then calls
     ``function(root=, download=, seed=, **fixed)``."""

@@ -1,8 +1,9 @@
 """Compute accounting: wall time, FLOPs (``torch.utils.flop_counter``), peak memory.
 
 FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which slows the counted code
-down; with ``mode="sampled"`` (the default) only the first round of each task of each client is counted
-and later rounds of the task reuse that count (rows say ``flops_measured``). ``mode="all"`` counts every
+down; with ``mode="sampled"`` (the default) only the first measured call of each task of each party (a
+client's first round it takes part in, the server's first aggregation) is counted and its later calls in
+the task reuse that count (rows say ``flops_measured``). ``mode="all"`` counts every
 round, ``"off"`` none. Peak memory is the CUDA allocator's peak on GPU, else the process's peak RSS
 (``ru_maxrss``: a process-wide high-water mark, not per client).
 """
@@ -35,19 +36,22 @@ def _rss_peak_bytes() -> int:
 
 
 class Accountant:
-    """Measures client rounds; keeps the last measured FLOPs per (client, task) for sampled mode."""
+    """Measures client rounds and server steps; keeps the measured FLOPs per (party, task) for sampled mode.
+
+    ``party`` is a client id or a server step name (``"server:round"`` ...).
+    """
 
     def __init__(self, device: torch.device, mode: str = "sampled"):
         if mode not in ("sampled", "all", "off"):
             raise ValueError(f"flops mode must be sampled, all or off; got '{mode}'")
         self.device = device
         self.mode = mode
-        self._flops: dict[tuple[int, int], int] = {}
+        self._flops: dict[tuple[int | str, int], int] = {}
 
     @contextlib.contextmanager
-    def measure(self, client: int, task: int, first_round: bool) -> Iterator[Measurement]:
+    def measure(self, party: int | str, task: int) -> Iterator[Measurement]:
         m = Measurement()
-        count = self.mode == "all" or (self.mode == "sampled" and first_round)
+        count = self.mode == "all" or (self.mode == "sampled" and (party, task) not in self._flops)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -65,9 +69,9 @@ class Accountant:
         if count:
             m.flops = int(counter.get_total_flops())
             m.flops_measured = True
-            self._flops[(client, task)] = m.flops
+            self._flops[(party, task)] = m.flops
         elif self.mode == "sampled":
-            m.flops = self._flops.get((client, task))
+            m.flops = self._flops.get((party, task))
 
 
 @contextlib.contextmanager

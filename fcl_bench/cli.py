@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import sys
-import time
-import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import click
 
@@ -19,11 +16,12 @@ class UserError(click.ClickException):
 
 def _user_errors():
     from fcl_bench.datasets import DatasetError
+    from fcl_bench.executor import PlanError
     from fcl_bench.nn.foundation import FoundationError
     from fcl_bench.registry import RegistryError
     from fcl_bench.scenario import ScenarioError
 
-    return (C.ConfigError, RegistryError, DatasetError, ScenarioError, FoundationError)
+    return (C.ConfigError, RegistryError, DatasetError, ScenarioError, FoundationError, PlanError)
 
 
 def _build_run_config(preset: str, run_over: dict[str, str], **cli) -> C.RunConfig:
@@ -84,9 +82,11 @@ def common(f):
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy machine)")
 @click.option("--force", is_flag=True, help="re-run runs that already completed")
+@click.option("--keep-checkpoints", is_flag=True,
+              help="keep each run's task-boundary checkpoint (all clients' and the server's state) when it completes")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def run(methods, preset, dataset, data_root, download, foundation, foundation_weights, overrides, seeds, out,
-        suite, device, plugins, flops, threads, force, quiet):
+        suite, device, plugins, flops, threads, force, keep_checkpoints, quiet):
     """Run methods (or a suite) on a preset; results go to OUT/SUITE/LABEL/DATASET/seedK/, where SUITE is the
     suite's name or, for plain runs, the preset's."""
     from fcl_bench import registry
@@ -123,9 +123,13 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
         else:
             plan = [Planned(n, n, meth_over.get(n, {})) for n in names]
             results_name = preset
-        mcfgs = {p.label: _method_config(classes[p.method], p.overrides) for p in plan}
-        for p in plan:  # validate per-run overrides up front (an impossible one fails before any work)
-            C.apply_overrides(base, p.run_overrides, "run")
+        for p in plan:  # every method config is validated before any data is loaded
+            _method_config(classes[p.method], p.overrides)
+        specs = _specs(plan, base, seed_list, out, results_name, force=force, flops=flops, quiet=quiet,
+                       keep_checkpoints=keep_checkpoints, plugins=tuple(plugins))
+        from fcl_bench.executor import preflight
+
+        preflight(specs)  # what would fail every run the same way is reported once, before anything runs
     except _user_errors() as e:
         raise UserError(str(e)) from None
     except ValueError as e:
@@ -136,90 +140,36 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
         if isinstance(e, SuiteError):
             raise UserError(str(e)) from None
         raise
-    ok = execute(plan, classes, mcfgs, base, seed_list, Path(out), results_name, force, quiet, flops)
-    if not ok:
+    if not execute(specs):
         sys.exit(1)
 
 
-def execute(plan, classes, mcfgs, base: C.RunConfig, seeds, out: Path, suite: str, force: bool, quiet: bool,
-            flops: str) -> bool:
-    """Run every planned method for every seed; a failed run is recorded and the rest go on."""
+def _specs(plan: list[Planned], base: C.RunConfig, seeds: list[int], out: str, suite: str, **common):
+    """The plan as executor specs: every planned run for every seed (seeds outermost)."""
     import dataclasses
 
-    from fcl_bench.federation import Workspace, describe, run_method
-    from fcl_bench.store import RunRecord, run_dir, write_json
+    from fcl_bench.executor import RunSpec
 
-    summary = []
-    workspaces: dict[tuple, Workspace] = {}
-    for seed in seeds:
-        for p in plan:
-            cfg = dataclasses.replace(C.apply_overrides(base, p.run_overrides, "run"), seed=seed)
-            rec = RunRecord(run_dir(out, suite, p.label, cfg.dataset, seed))
-            if rec.is_complete() and not force:
-                click.echo(f"skip {p.label} seed {seed}: completed in {rec.path} (use --force to re-run)")
-                summary.append(_row(p.label, seed, rec))
-                continue
-            rec.start()
-            t0 = time.perf_counter()
+    return [RunSpec(method=p.method, label=p.label, out=str(out), suite=suite, method_overrides=dict(p.overrides),
+                    run=dataclasses.replace(C.apply_overrides(base, p.run_overrides, "run"), seed=seed),
+                    command=" ".join(sys.argv), **common)
+            for seed in seeds for p in plan]
 
-            def log(line: str, _rec=rec) -> None:
-                _rec.log(line)
-                if not quiet:
-                    click.echo(line)
 
-            try:
-                ws_key = Workspace.key_of(cfg)
-                if ws_key not in workspaces:
-                    workspaces.clear()  # one workspace (data, scenario, feature cache) in memory at a time
-                    try:
-                        workspaces[ws_key] = Workspace.create(cfg, progress=not quiet)
-                    except _user_errors() as e:  # bad data or protocol: every run would fail the same way
-                        rec.fail(f"{type(e).__name__}: {e}", time.perf_counter() - t0)
-                        raise UserError(str(e)) from None
-                ws = workspaces[ws_key]
-                ws.cfg = cfg  # same data and scenario; per-run settings such as small_models may differ
-                cls = classes[p.method]
-                log(f"== {p.label} ({p.method}) on {cfg.dataset}, seed {seed}, scenario {ws.scenario.short_hash}")
-                ws.scenario.save(rec.path / "scenario.json")
+def execute(specs) -> bool:
+    """Run every spec in this process; a failed run is recorded and the rest go on."""
+    from fcl_bench.executor import run_in_process
 
-                def write_config(mcfg, _rec=rec, _p=p, _cfg=cfg, _ws=ws) -> None:
-                    write_json(_rec.path / "config.json", {
-                        "suite": suite, "method": _p.method, "label": _p.label, "run": _cfg.to_dict(),
-                        "method_config": dataclasses.asdict(mcfg), **describe(_ws),
-                        "command": " ".join(sys.argv)})
-
-                write_config(mcfgs[p.label])  # also for runs that fail
-                result = run_method(cls, mcfgs[p.label], ws, log=log, progress=not quiet, flops=flops)
-                write_config(result.method_config)  # as resolved, with the foundation model's description
-                rec.finish(result.metrics, result.rounds, result.seconds)
-                log(f"   final_acc {result.metrics['final_acc']:.4f}  ({result.seconds:.1f} s)")
-            except KeyboardInterrupt:
-                rec.fail("interrupted", time.perf_counter() - t0)
-                raise
-            except Exception as e:  # one failed run never aborts the suite
-                reason = f"{type(e).__name__}: {e}"
-                rec.log(traceback.format_exc())
-                rec.fail(reason, time.perf_counter() - t0)
-                click.echo(f"FAILED {p.label} seed {seed}: {reason} (log: {rec.path / 'log.txt'})", err=True)
-            summary.append(_row(p.label, seed, rec))
+    try:
+        summary = run_in_process(specs, click.echo, lambda line: click.echo(line, err=True), _user_errors())
+    except _user_errors() as e:  # bad data or protocol: every run would fail the same way
+        raise UserError(str(e)) from None
     _print_summary(summary)
     failed = [s for s in summary if s["state"] != "completed"]
     if failed:
         click.echo(f"{len(failed)} of {len(summary)} runs failed: " +
                    "; ".join(f"{s['method']} seed {s['seed']}: {s['reason']}" for s in failed), err=True)
     return not failed
-
-
-def _row(label: str, seed: int, rec) -> dict:
-    from fcl_bench.store import read_json
-
-    st = rec.status or {}
-    row = {"method": label, "seed": seed, "state": st.get("state"), "reason": st.get("reason", "")}
-    if rec.is_complete():
-        m = read_json(rec.path / "metrics.json")
-        row.update(final_acc=m["final_acc"], avg_inc=m["avg_incremental_acc"], forgetting=m["forgetting"],
-                   mb_up=m["bytes_up"] / 1e6, mb_down=m["bytes_down"] / 1e6, seconds=m["wall_seconds"])
-    return row
 
 
 def _print_summary(rows: list[dict]) -> None:
@@ -278,15 +228,15 @@ def list_(what, plugins):
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write the scenario JSON")
 def scenario(preset, dataset, data_root, download, foundation, foundation_weights, overrides, seed, json_path):
     """Print the per-client scenario table of a preset (and write its JSON)."""
-    from fcl_bench.federation import load_data, make_scenario
     from fcl_bench.scenario import scenario_table
+    from fcl_bench.workspace import load_data, make_scenario
 
     try:
         run_over, _ = C.split_overrides(overrides)
         cfg = _build_run_config(preset, run_over, dataset=dataset, data_root=data_root, download=download,
                                 foundation=foundation, foundation_weights=foundation_weights, seed=seed)
-        _, ds = load_data(cfg)
-        sc = make_scenario(cfg, ds)
+        _, ds = load_data(cfg.workspace())
+        sc = make_scenario(cfg.workspace(), ds)
     except _user_errors() as e:
         raise UserError(str(e)) from None
     click.echo(scenario_table(sc, ds.classes))
@@ -303,8 +253,8 @@ def scenario(preset, dataset, data_root, download, foundation, foundation_weight
 def pretrain(seed, force, device, quiet):
     """Pretrain the tiny offline foundation ViT on the synthetic pretraining classes (cached)."""
     from fcl_bench.datasets import load_dataset
-    from fcl_bench.federation import resolve_device
     from fcl_bench.nn.pretrain import pretrain_tiny_vit
+    from fcl_bench.workspace import resolve_device
 
     ds = load_dataset("synthetic")
     _, report = pretrain_tiny_vit(ds, seed=seed, force=force, progress=not quiet, device=resolve_device(device))

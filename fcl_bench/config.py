@@ -28,7 +28,12 @@ class RunConfig:
     shared by all (instances split by Dirichlet(``alpha``)), ``tasks`` x ``classes_per_task``,
     ``rounds_per_task`` communication rounds per task, ``epochs`` local epochs per round.
     ``train_per_class`` / ``test_per_class`` cap the samples per class (seeded choice; None = all) so the
-    offline presets stay fast.
+    offline presets stay fast. ``server_per_class`` training samples of each public class are held by the
+    server, never by a client (default 0: no server-held split). ``participation``: the fraction of
+    clients that train in a round (a seeded sample per round; 1.0, the paper's setting, is all of them).
+
+    The fields that decide what runs share (data, scenario, foundation model, feature cache) are the
+    fields of :class:`WorkspaceConfig`; :meth:`workspace` extracts them.
     """
 
     dataset: str = "synthetic"
@@ -45,6 +50,8 @@ class RunConfig:
     tasks: int = 5
     classes_per_task: int = 8
     alpha: float = 0.5
+    server_per_class: int = 0
+    participation: float = 1.0
     rounds_per_task: int = 5
     epochs: int = 1
     batch_size: int = 64
@@ -58,6 +65,10 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def workspace(self) -> WorkspaceConfig:
+        """The data/protocol sub-config: runs with equal ones share a workspace."""
+        return WorkspaceConfig(**{f.name: getattr(self, f.name) for f in fields(WorkspaceConfig)})
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first broken rule that needs no data to check (the protocol's
         counts, positive sizes, a registered dataset). ``clients * private + public <= classes in the
@@ -67,9 +78,13 @@ class RunConfig:
 
         try:
             ScenarioSpec(clients=self.clients, private=self.private, public=self.public, tasks=self.tasks,
-                         classes_per_task=self.classes_per_task, alpha=self.alpha, seed=self.seed).validate()
+                         classes_per_task=self.classes_per_task, alpha=self.alpha, seed=self.seed,
+                         server_per_class=self.server_per_class).validate()
         except ScenarioError as e:
             raise ConfigError(str(e)) from None
+        if not (0 < self.participation <= 1):
+            raise ConfigError(f"participation is the fraction of clients that train in a round, in (0, 1]; "
+                              f"got {self.participation}")
         for name in ("rounds_per_task", "epochs", "batch_size", "eval_batch_size", "small_width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -80,6 +95,32 @@ class RunConfig:
             raise ConfigError("small_models is empty; give at least one timm CNN name, e.g. -o small_models=resnet18")
         if self.dataset.strip().lower() not in available_datasets():
             raise ConfigError(f"unknown dataset '{self.dataset}'; available datasets: {', '.join(available_datasets())}")
+
+
+@dataclass(frozen=True)
+class WorkspaceConfig:
+    """What a workspace is made of: the data, the scenario's protocol and seed, the foundation model and
+    where it runs. Runs whose ``RunConfig.workspace()`` are equal share data, scenario, foundation model
+    and feature cache (the executor keys its workspaces by this object)."""
+
+    dataset: str = "synthetic"
+    data_root: str | None = None
+    download: bool = False
+    foundation: str = "tiny"
+    foundation_weights: str | None = None
+    foundation_pretrained: bool = True
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    clients: int = 5
+    private: int = 15
+    public: int = 25
+    tasks: int = 5
+    classes_per_task: int = 8
+    alpha: float = 0.5
+    server_per_class: int = 0
+    seed: int = 42
+    device: str = "auto"
+    eval_batch_size: int = 256
 
 
 PRESETS: dict[str, dict[str, Any]] = {

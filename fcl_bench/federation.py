@@ -1,15 +1,22 @@
-"""The federation loop: tasks x rounds, the wire, evaluation, accounting, progress.
+"""The schedule: tasks x rounds, the wire, participation, checkpoints, accounting, progress.
 
-:class:`Workspace` holds what every method of a run shares for one (dataset, seed): the data, the
-scenario, the frozen foundation model and its feature cache. :func:`run_method` runs one method in it.
+:class:`Federation` runs one method in a :class:`~fcl_bench.workspace.Workspace`, following the order the
+contract (:mod:`fcl_bench.api`) states: per task, the server's task-start downloads, every client's
+``start_task``; per round, the participants' uploads, ``aggregate``, its downloads; the server's end-of-task
+downloads, every client's ``end_task``, evaluation (:mod:`fcl_bench.evaluation`) and a checkpoint of every
+client's and the server's state. Every payload crosses the wire (:mod:`fcl_bench.wire`) and is counted.
+
+A checkpoint (one safetensors file, written atomically) holds the states, the RNG states and the tallies
+so far; :meth:`Federation.restore` continues from it, and with the same seed the final metrics equal an
+uninterrupted run's (timings aside).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,87 +24,35 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from fcl_bench import state as S
 from fcl_bench import wire
-from fcl_bench.accounting import Accountant, timer
-from fcl_bench.api import Env, Method, Payload, ScenarioInfo, Task
+from fcl_bench.accounting import Accountant, Measurement
+from fcl_bench.api import (
+    Client,
+    ClientEnv,
+    DownloadKind,
+    Method,
+    MethodEnv,
+    Payload,
+    RoundInfo,
+    ScenarioInfo,
+    Server,
+    ServerEnv,
+    Task,
+)
+from fcl_bench.checks import check_finite, check_payload
 from fcl_bench.config import RunConfig
-from fcl_bench.data import ClientData, Dataset, cap_per_class
+from fcl_bench.evaluation import SPACES, accuracy_after, evaluate, new_tallies
 from fcl_bench.metrics import summarise
-from fcl_bench.nn.cache import FeatureCache
-from fcl_bench.nn.foundation import FoundationModel, load_foundation
+from fcl_bench.nn.cache import FeatureView
 from fcl_bench.nn.small import build_small_model
-from fcl_bench.scenario import Scenario, ScenarioSpec, build_scenario
+from fcl_bench.workspace import Workspace
 
+__all__ = ["Federation", "RunResult", "check_finite", "participants", "run_method"]
 
-class NonFiniteError(RuntimeError):
-    """A loss or an uploaded tensor became NaN or infinite."""
-
-
-def check_finite(value: torch.Tensor, what: str) -> None:
-    """Raise :class:`NonFiniteError` naming ``what`` if ``value`` holds NaN or inf."""
-    if not torch.isfinite(value).all():
-        raise NonFiniteError(f"{what} is not finite (NaN or inf)")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda[:N]; got '{name}'")
-    return torch.device(name)
-
-
-def load_data(cfg: RunConfig) -> tuple[Dataset, Dataset]:
-    """(full dataset, dataset capped to the run's samples per class)."""
-    from fcl_bench.datasets import load_dataset
-
-    ds = load_dataset(cfg.dataset, root=cfg.data_root, download=cfg.download, seed=0)
-    return ds, cap_per_class(ds, cfg.train_per_class, cfg.test_per_class, seed=cfg.seed)
-
-
-def make_scenario(cfg: RunConfig, ds: Dataset) -> Scenario:
-    spec = ScenarioSpec(clients=cfg.clients, private=cfg.private, public=cfg.public, tasks=cfg.tasks,
-                        classes_per_task=cfg.classes_per_task, alpha=cfg.alpha, seed=cfg.seed)
-    return build_scenario(spec, ds.train.labels, ds.test.labels, num_classes=ds.num_classes)
-
-
-@dataclass
-class Workspace:
-    """Shared by all methods of a run with the same data, protocol, foundation model and seed."""
-
-    cfg: RunConfig
-    dataset: Dataset
-    scenario: Scenario
-    device: torch.device
-    full_dataset: Dataset | None = None
-    foundation: FoundationModel | None = None
-    features: FeatureCache | None = None
-
-    @classmethod
-    def create(cls, cfg: RunConfig, progress: bool = True) -> Workspace:
-        full, ds = load_data(cfg)
-        scenario = make_scenario(cfg, ds)
-        return cls(cfg=cfg, dataset=ds, scenario=scenario, device=resolve_device(cfg.device), full_dataset=full)
-
-    def ensure_foundation(self, progress: bool = True) -> FoundationModel:
-        if self.foundation is None:
-            # the offline model is pretrained (and probed) on the full dataset, whatever the run's caps
-            self.foundation = load_foundation(self.cfg.foundation, self.full_dataset or self.dataset, self.device,
-                                              weights=self.cfg.foundation_weights,
-                                              pretrained=self.cfg.foundation_pretrained, seed=self.cfg.seed,
-                                              progress=progress)
-            self.features = FeatureCache(self.foundation, {"train": self.dataset.train, "test": self.dataset.test},
-                                         self.dataset.fingerprint, batch_size=self.cfg.eval_batch_size)
-        return self.foundation
-
-    @staticmethod
-    def key_of(c: RunConfig) -> tuple:
-        """Runs with equal keys share data, scenario, foundation model and feature cache."""
-        return (c.dataset, c.data_root, c.download, c.foundation, c.foundation_weights, c.foundation_pretrained,
-                c.train_per_class, c.test_per_class, c.seed, c.clients, c.private, c.public, c.tasks,
-                c.classes_per_task, c.alpha, c.device, c.eval_batch_size)
+#: rounds.csv columns that hold timings or memory: they differ between otherwise identical runs.
+TIMING_KEYS = ("wall_seconds", "client_train_seconds", "server_seconds", "seconds", "peak_memory_bytes",
+               "server_peak_memory_bytes", "cache_fill")
 
 
 @dataclass
@@ -108,178 +63,296 @@ class RunResult:
     method_config: Any = None  # as the method resolved it (e.g. named defaults filled in)
 
 
+def participants(num_clients: int, fraction: float, seed: int, task: int, rnd: int) -> tuple[int, ...]:
+    """The clients that train in round ``rnd`` of ``task``: all of them for ``fraction == 1``, else a seeded
+    sample of ``max(1, round(fraction * num_clients))``, drawn afresh each round."""
+    if fraction >= 1.0:
+        return tuple(range(num_clients))
+    n = max(1, int(round(fraction * num_clients)))
+    rng = np.random.default_rng([seed, task, rnd, 0x5A])
+    return tuple(sorted(int(c) for c in rng.choice(num_clients, size=n, replace=False)))
+
+
+def scenario_info(ws: Workspace, rounds_per_task: int) -> ScenarioInfo:
+    sc = ws.scenario
+    return ScenarioInfo(num_classes=sc.num_classes, num_clients=sc.num_clients, num_tasks=sc.num_tasks,
+                        rounds_per_task=rounds_per_task,
+                        client_tasks=[[list(t) for t in ct] for ct in sc.client_tasks],
+                        train_sizes=[[len(ix) for ix in ci] for ci in sc.train_indices],
+                        public_classes=list(sc.public_classes), server_samples=int(len(sc.server_indices)))
+
+
 @dataclass
 class _Tally:
     rows: list[dict] = field(default_factory=list)
-    manifest: dict[int, dict[str, Any]] = field(default_factory=dict)
+    manifest: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _scenario_info(cfg: RunConfig, sc: Scenario) -> ScenarioInfo:
-    return ScenarioInfo(num_classes=sc.num_classes, num_clients=sc.num_clients, num_tasks=sc.num_tasks,
-                        rounds_per_task=cfg.rounds_per_task,
-                        client_tasks=[[list(t) for t in ct] for ct in sc.client_tasks],
-                        train_sizes=[[len(ix) for ix in ci] for ci in sc.train_indices])
+class Federation:
+    """One method's run through all tasks and rounds of a workspace's scenario.
 
+    Build it, then :meth:`run` (or drive it with :meth:`start_task`, :meth:`run_round`, :meth:`end_task`).
+    ``clients``, ``client_envs``, ``server`` and ``server_env`` are open for tests and engines.
+    """
 
-def _restricted_correct(logits: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor) -> int:
-    mask = torch.full((logits.shape[1],), float("-inf"), device=logits.device)
-    mask[allowed] = 0.0
-    return int(((logits.float() + mask).argmax(1) == y).sum())
+    def __init__(self, method_cls: type[Method], method_cfg: Any, ws: Workspace, run: RunConfig,
+                 log: Callable[[str], None] = print, progress: bool = True, flops: str = "sampled"):
+        self.method_cls, self.ws, self.run_cfg, self.log, self.progress = method_cls, ws, run, log, progress
+        self.name = method_cls.name
+        if method_cls.uses_foundation:
+            ws.ensure_foundation(progress)  # may pretrain the offline model: not the method's time
+        fm = ws.foundation if method_cls.uses_foundation else None
+        # seeded after the foundation model is ready, so a cached or freshly trained model gives the same run
+        torch.manual_seed(run.seed)
+        np.random.seed(run.seed % 2**32)
+        self.t_start = time.perf_counter()
+        self.amp = torch.bfloat16 if (run.amp and ws.device.type == "cuda") else None
+        common = dict(scenario=scenario_info(ws, run.rounds_per_task), device=ws.device, amp_dtype=self.amp,
+                      foundation=fm, small_archs=list(run.small_models), small_width=run.small_width,
+                      seed=run.seed, batch_size=run.batch_size, epochs=run.epochs,
+                      eval_batch_size=run.eval_batch_size, participation=run.participation, log=log,
+                      _make_small=build_small_model)
+        self.method_env = MethodEnv(**common)
+        self.method = method_cls(method_cfg, self.method_env)
+        sc = ws.scenario
+        self.K, self.T, self.R = sc.num_clients, sc.num_tasks, run.rounds_per_task
+        self.client_envs: dict[int, ClientEnv] = {c: self._client_env(c, common) for c in range(self.K)}
+        self.clients: dict[int, Client] = {c: self.method.client(c, self.client_envs[c]) for c in range(self.K)}
+        server_data = ws.server_view()
+        view = None
+        if fm is not None and server_data is not None:
+            view = FeatureView(ws.features, "server", {"train": _mask(len(ws.dataset.train), server_data.indices)})
+        self.server_env = ServerEnv(**common, server_data=server_data, features=view)
+        self.server: Server = self.method.server(self.server_env)
+        self.acct = Accountant(ws.device, flops)
+        self.flops_mode = flops
+        self.tally = _Tally()
+        self.correct, self.total = new_tallies(self.K, self.T)
+        self.next_task = 0
+        self.fingerprint: str | None = None  # what a checkpoint must match to be resumed (set by the executor)
+        self._checkpoints_off = False
+        self._fill0 = ws.features.fill_totals() if ws.features is not None else None
 
+    # -- environments ------------------------------------------------------------------------------
+    def _client_env(self, c: int, common: dict) -> ClientEnv:
+        ws = self.ws
+        view = FeatureView(ws.features, f"client {c}") if common["foundation"] is not None else None
+        env = ClientEnv(**common, client_id=c, features=view)
 
-def build_env(ws: Workspace, method_cls: type[Method], log: Callable[[str], None], progress: bool) -> Env:
-    cfg = ws.cfg
-    if method_cls.uses_foundation or cfg.foundation == "tiny":
-        # the tiny model also fixes the input pipeline of the offline presets
-        ws.ensure_foundation(progress)
-    archs = list(cfg.small_models)
-    if not archs:
-        raise ValueError("small_models is empty; give at least one timm CNN name")
+        def task_of(t: int, _c=c) -> Task:
+            return Task(index=t, classes=list(ws.scenario.client_tasks[_c][t]),
+                        seen_classes=ws.scenario.seen_classes(_c, t), train=ws.train_view(_c, t))
 
-    def make_small(client: int) -> torch.nn.Module:
-        return build_small_model(archs[client % len(archs)], cfg.small_width).to(ws.device)
+        def own(_env=env, _c=c) -> np.ndarray:
+            return np.concatenate([ws.scenario.train_indices[_c][t] for t in range(_env._tasks_started)] or
+                                  [np.empty(0, np.int64)])
 
-    amp = torch.bfloat16 if (cfg.amp and ws.device.type == "cuda") else None
-    return Env(scenario=_scenario_info(cfg, ws.scenario), device=ws.device, amp_dtype=amp,
-               foundation=ws.foundation, features=ws.features, make_small_model=make_small,
-               small_width=cfg.small_width, small_archs=archs, seed=cfg.seed, batch_size=cfg.batch_size,
-               epochs=cfg.epochs, eval_batch_size=cfg.eval_batch_size, log=log)
+        env._task_of, env._own_train, env._make_view = task_of, own, ws.view
+        return env
 
+    def _open_task(self, c: int, t: int) -> Task:
+        env = self.client_envs[c]
+        env._tasks_started = max(env._tasks_started, t + 1)
+        if env.features is not None:
+            env.features.allow("train", self.ws.scenario.train_indices[c][t])
+        return env.task(t)
 
-def _send(payload: Payload, who: str, device: torch.device) -> tuple[Payload, wire.Message]:
-    for name, t in payload.items():
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            check_finite(t, f"{who} '{name}'")
-    return wire.transmit(payload, device, who)
+    # -- the wire ----------------------------------------------------------------------------------
+    def _send(self, payload: Any, who: str, declared: tuple[str, ...] | None = None) -> tuple[Payload, wire.Message]:
+        check_payload(payload, f"{self.name}: {who}", declared)
+        return wire.transmit(payload, self.ws.device, who)
 
+    def _download(self, downloads: Any, kind: DownloadKind, t: int, r: int, what: str) -> dict[int, int]:
+        if not isinstance(downloads, Mapping):
+            raise TypeError(f"{self.name}: Server.{what} must return a dict client id -> payload, "
+                            f"got {type(downloads).__name__}")
+        sent = {}
+        for c, payload in downloads.items():
+            if c not in self.clients:
+                raise KeyError(f"{self.name}: Server.{what} addressed client {c!r}; clients are 0..{self.K - 1}")
+            recv, msg = self._send(payload, f"server {what} download to client {c}")
+            self.clients[c].receive(recv, kind)
+            sent[c] = msg.nbytes
+        return sent
 
-def run_method(method_cls: type[Method], method_cfg: Any, ws: Workspace, log: Callable[[str], None] = print,
-               progress: bool = True, flops: str = "sampled") -> RunResult:
-    """Run one method through all tasks and rounds of the workspace's scenario."""
-    cfg, sc = ws.cfg, ws.scenario
-    env = build_env(ws, method_cls, log, progress)  # may pretrain the offline foundation model: not the method's time
-    # seeded after the foundation model is ready, so a cached or freshly trained model gives the same run
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    t_start = time.perf_counter()
-    pre = ws.foundation.preprocess if ws.foundation is not None else None
-    if pre is None:
-        raise RuntimeError("no input pipeline: the foundation model was not loaded")
-    method = method_cls(method_cfg, env)
-    K, T, R = sc.num_clients, sc.num_tasks, cfg.rounds_per_task
-    clients = {c: method.client(c) for c in range(K)}
-    server = method.server()
-    acct = Accountant(ws.device, flops)
-    tally = _Tally()
-    C = sc.num_classes
-    correct = {s: np.full((K, T, T), np.nan) for s in ("client", "global")}
-    total = np.zeros((K, T))
-    bar = tqdm(total=T * R * K, disable=None if progress else True, desc=method_cls.name, unit="step", leave=False)
-    for t in range(T):
-        for c in range(K):
-            data = ClientData(ws.dataset.train, sc.train_indices[c][t], "train", pre, ws.device)
-            clients[c].start_task(Task(index=t, classes=list(sc.client_tasks[c][t]),
-                                       seen_classes=sc.seen_classes(c, t), train=data))
-        for r in range(R):
-            uploads: dict[int, Payload] = {}
-            round_rows = {}
-            for c in range(K):
-                bar.set_postfix_str(f"task {t + 1}/{T} round {r + 1}/{R} client {c + 1}/{K}")
-                with acct.measure(c, t, first_round=(r == 0)) as m:
-                    up = clients[c].train_round()
-                uploads[c], msg = _send(up, f"client {c} upload", ws.device)
-                tally.manifest[c] = tally.manifest.get(c, {}) | {  # latest shape of every name ever sent
-                    name: {"shape": list(shape), "dtype": dt, "bytes": nb} for name, shape, dt, nb in msg.manifest}
-                round_rows[c] = dict(task=t, round=r, client=c, phase="round", bytes_up=msg.nbytes, bytes_down=0,
-                                     train_seconds=m.seconds, flops=m.flops, flops_measured=m.flops_measured,
-                                     peak_memory_bytes=m.peak_memory_bytes, memory_kind=m.memory_kind,
-                                     trainable_params=clients[c].trainable_parameters(), train_samples=len(
-                                         sc.train_indices[c][t]), server_seconds=0.0)
+    def _server_row(self, t: int, r: int, step: str, m: Measurement, bytes_down: int) -> None:
+        self.tally.rows.append(dict(task=t, round=r, client=-1, phase=f"server_{step}", bytes_up=0,
+                                    bytes_down=bytes_down, train_seconds=0.0, flops=None, flops_measured=True,
+                                    server_seconds=m.seconds, server_flops=m.flops,
+                                    server_flops_measured=m.flops_measured,
+                                    server_peak_memory_bytes=m.peak_memory_bytes, memory_kind=m.memory_kind))
+
+    # -- the schedule ------------------------------------------------------------------------------
+    def start_task(self, t: int) -> None:
+        with self.acct.measure("server:start", t) as m:
+            downloads = self.server.start_task(t)
+        sent = self._download(downloads, "start", t, 0, "start_task")
+        self._server_row(t, 0, "start", m, sum(sent.values()))
+        for c in range(self.K):
+            if c in sent:
+                self.tally.rows.append(dict(task=t, round=0, client=c, phase="start", bytes_up=0,
+                                            bytes_down=sent[c], train_seconds=0.0, flops=0, flops_measured=True))
+            self.clients[c].start_task(self._open_task(c, t))
+
+    def run_round(self, t: int, r: int, bar=None) -> None:
+        info = RoundInfo(task=t, round=r, rounds_per_task=self.R,
+                         participants=participants(self.K, self.run_cfg.participation, self.run_cfg.seed, t, r))
+        uploads: dict[int, Payload] = {}
+        rows: dict[int, dict] = {}
+        for c in info.participants:
+            if bar is not None:
+                bar.set_postfix_str(f"task {t + 1}/{self.T} round {r + 1}/{self.R} client {c + 1}/{self.K}")
+            with self.acct.measure(c, t) as m:
+                up = self.clients[c].train_round(info)
+            uploads[c], msg = self._send(up, f"client {c} upload", tuple(self.method.uploads))
+            self.tally.manifest[str(c)] = self.tally.manifest.get(str(c), {}) | {  # latest shape of every name
+                name: {"shape": list(shape), "dtype": dt, "bytes": nb} for name, shape, dt, nb in msg.manifest}
+            rows[c] = dict(task=t, round=r, client=c, phase="round", bytes_up=msg.nbytes, bytes_down=0,
+                           train_seconds=m.seconds, flops=m.flops, flops_measured=m.flops_measured,
+                           peak_memory_bytes=m.peak_memory_bytes, memory_kind=m.memory_kind,
+                           trainable_params=self.clients[c].trainable_parameters(),
+                           train_samples=len(self.ws.scenario.train_indices[c][t]))
+            if bar is not None:
                 bar.update(1)
-            with timer() as st:
-                downloads = server.aggregate(uploads)
-            for c, payload in downloads.items():
-                recv, msg = _send(payload, f"server download to client {c}", ws.device)
-                clients[c].receive(recv)
-                round_rows[c]["bytes_down"] = msg.nbytes
-            for c in range(K):
-                round_rows[c]["server_seconds"] = st[0] / K
-            tally.rows.extend(round_rows.values())
-        with timer() as st:
-            extra = server.end_task(t)
-        for c in range(K):  # one row per client, so end-of-task server time and bytes are never lost
-            payload = extra.get(c)
-            nbytes = 0
-            if payload is not None:
-                recv, msg = _send(payload, f"server end-of-task download to client {c}", ws.device)
-                clients[c].receive(recv)
-                nbytes = msg.nbytes
-            tally.rows.append(dict(task=t, round=R, client=c, phase="end_task", bytes_up=0, bytes_down=nbytes,
-                                   train_seconds=0.0, flops=0, flops_measured=True, server_seconds=st[0] / K))
-        for c in range(K):
-            clients[c].end_task()
-        _evaluate(ws, clients, t, pre, correct, total)
-        accs = [np.nansum(correct["client"][c, t, : t + 1]) / total[c, : t + 1].sum() for c in range(K)]
-        log(f"[{method_cls.name}] task {t + 1}/{T}: acc (client space) = {np.mean(accs):.4f}")
-    bar.close()
-    rounds = pd.DataFrame(tally.rows)
-    seconds = time.perf_counter() - t_start
-    spaces = {s: summarise(np.nan_to_num(correct[s], nan=0.0), total) for s in correct}
-    flops_col = rounds.loc[rounds.phase == "round", "flops"]
-    metrics = {
-        **{k: spaces["client"][k] for k in ("acc", "task_mean_acc", "avg_incremental_acc", "final_acc",
-                                            "forgetting", "bwt", "accuracy_matrix")},
-        "space": "client",
-        "spaces": spaces,
-        "bytes_up": int(rounds.bytes_up.sum()),
-        "bytes_down": int(rounds.bytes_down.sum()),
-        "bytes_up_per_client_round": float(rounds.loc[rounds.phase == "round"].bytes_up.mean()),
-        "bytes_down_per_client_round": float(rounds.loc[rounds.phase == "round"].bytes_down.mean()),
-        "client_flops": None if flops_col.isna().any() else float(flops_col.sum()),
-        "flops_mode": flops,
-        "client_train_seconds": float(rounds.train_seconds.sum()),
-        "server_seconds": float(rounds.server_seconds.fillna(0).sum()),
-        "wall_seconds": seconds,
-        "trainable_params": int(rounds.trainable_params.max()) if "trainable_params" in rounds else None,
-        "num_classes": C,
-        "wire": {"client_uploads": {str(c): v for c, v in tally.manifest.items()}},
-    }
-    return RunResult(metrics=metrics, rounds=rounds, seconds=seconds, method_config=method.config)
+        with self.acct.measure("server:round", t) as sm:
+            downloads = self.server.aggregate(uploads, info)
+        sent = self._download(downloads, "round", t, r, "aggregate")
+        for c, nbytes in sent.items():
+            if c in rows:
+                rows[c]["bytes_down"] = nbytes
+            else:  # a client that sat the round out but was sent the new model
+                rows[c] = dict(task=t, round=r, client=c, phase="round_idle", bytes_up=0, bytes_down=nbytes,
+                               train_seconds=0.0, flops=0, flops_measured=True)
+        self.tally.rows.extend(rows[c] for c in sorted(rows))
+        self._server_row(t, r, "round", sm, sum(sent.values()))
+
+    def end_task(self, t: int) -> float:
+        with self.acct.measure("server:end", t) as m:
+            extra = self.server.end_task(t)
+        sent = self._download(extra, "end", t, self.R, "end_task")
+        for c in range(self.K):  # one row per client, so end-of-task bytes are never lost
+            self.tally.rows.append(dict(task=t, round=self.R, client=c, phase="end_task", bytes_up=0,
+                                        bytes_down=sent.get(c, 0), train_seconds=0.0, flops=0,
+                                        flops_measured=True))
+        self._server_row(t, self.R, "end", m, sum(sent.values()))
+        for c in range(self.K):
+            self.clients[c].end_task()
+        evaluate(self.ws, self.clients, self.client_envs, t, self.correct, self.total, self.name,
+                 amp=self.amp is not None)
+        acc = accuracy_after(self.correct["client"], self.total, t)
+        self.log(f"[{self.name}] task {t + 1}/{self.T}: acc (client space) = {acc:.4f}")
+        self.next_task = t + 1
+        return acc
+
+    def run(self, checkpoint: Path | None = None, keep_final: bool = False) -> RunResult:
+        """All remaining tasks; after each but the last (and the last too with ``keep_final``), a checkpoint
+        at ``checkpoint`` (if given)."""
+        remaining = (self.T - self.next_task) * self.R * max(1, len(participants(
+            self.K, self.run_cfg.participation, self.run_cfg.seed, 0, 0)))
+        bar = tqdm(total=remaining, disable=None if self.progress else True, desc=self.name, unit="step",
+                   leave=False)
+        try:
+            for t in range(self.next_task, self.T):
+                self.start_task(t)
+                for r in range(self.R):
+                    self.run_round(t, r, bar)
+                self.end_task(t)
+                if checkpoint is not None and (t < self.T - 1 or keep_final):
+                    self.save_checkpoint(checkpoint)
+        finally:
+            bar.close()
+        return self.result()
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> S.State:
+        """The run's whole state at a task boundary."""
+        gens = {c: e.generator for c, e in self.client_envs.items()} | {-1: self.server_env.generator}
+        return {"next_task": self.next_task, "fingerprint": self.fingerprint,
+                "clients": {c: self.clients[c].state_dict() for c in range(self.K)},
+                "server": self.server.state_dict(),
+                "rng": S.rng_state(gens),
+                "correct": {s: self.correct[s] for s in SPACES}, "total": self.total,
+                "rows": self.tally.rows, "manifest": self.tally.manifest,
+                "elapsed": time.perf_counter() - self.t_start}
+
+    def save_checkpoint(self, path: Path) -> int:
+        """Write :meth:`state` atomically to ``path``; a method without ``state_dict`` runs on, uncheckpointed."""
+        if self._checkpoints_off:
+            return 0
+        try:
+            st = self.state()
+        except NotImplementedError as e:
+            self._checkpoints_off = True
+            self.log(f"[{self.name}] no checkpoints for this run: {e}")
+            return 0
+        nbytes = S.save(st, path)
+        self.log(f"[{self.name}] checkpoint after task {self.next_task}/{self.T}: {path.name} "
+                 f"({nbytes / 1e6:.1f} MB)")
+        return nbytes
+
+    def restore(self, st: S.State) -> None:
+        """Continue from :meth:`state`'s output (fresh clients and server are loaded in place)."""
+        t = int(st["next_task"])
+        for c in range(self.K):
+            for i in range(t):
+                self._open_task(c, i)
+            self.clients[c].load_state_dict(st["clients"][c])
+        self.server.load_state_dict(st["server"])
+        gens = {c: e.generator for c, e in self.client_envs.items()} | {-1: self.server_env.generator}
+        S.set_rng_state(st["rng"], gens)
+        self.correct = {s: np.array(st["correct"][s], dtype=float) for s in SPACES}
+        self.total = np.array(st["total"], dtype=float)
+        self.tally = _Tally(rows=list(st["rows"]), manifest=dict(st["manifest"]))
+        self.t_start = time.perf_counter() - float(st.get("elapsed", 0.0))
+        self.next_task = t
+
+    # -- results -----------------------------------------------------------------------------------
+    def result(self) -> RunResult:
+        rounds = pd.DataFrame(self.tally.rows)
+        seconds = time.perf_counter() - self.t_start
+        spaces = {s: summarise(np.nan_to_num(self.correct[s], nan=0.0), self.total) for s in SPACES}
+        client_rounds = rounds[rounds.phase == "round"]
+        server = rounds[rounds.phase.str.startswith("server_")]
+        flops_col = client_rounds["flops"]
+        server_flops = server["server_flops"]
+        fill = None
+        if self._fill0 is not None and self.ws.features is not None:
+            now = self.ws.features.fill_totals()
+            fill = {k: now[k] - self._fill0[k] for k in now}
+        metrics = {
+            **{k: spaces["client"][k] for k in ("acc", "task_mean_acc", "avg_incremental_acc", "final_acc",
+                                                "forgetting", "bwt", "accuracy_matrix")},
+            "space": "client",
+            "spaces": spaces,
+            "global_space_applicable": bool(self.method_cls.global_space),
+            "bytes_up": int(rounds.bytes_up.sum()),
+            "bytes_down": int(rounds.bytes_down.sum()),
+            "bytes_up_per_client_round": float(client_rounds.bytes_up.mean()),
+            "bytes_down_per_client_round": float(client_rounds.bytes_down.mean()),
+            "client_flops": None if flops_col.isna().any() else float(flops_col.sum()),
+            "server_flops": None if server_flops.isna().any() else float(server_flops.sum()),
+            "flops_mode": self.flops_mode,
+            "client_train_seconds": float(rounds.train_seconds.sum()),
+            "server_seconds": float(server.server_seconds.sum()),
+            "server_peak_memory_bytes": int(server.server_peak_memory_bytes.max()),
+            "wall_seconds": seconds,
+            "trainable_params": int(client_rounds.trainable_params.max()),
+            "num_classes": self.ws.scenario.num_classes,
+            "participation": self.run_cfg.participation,
+            "server_samples": int(len(self.ws.scenario.server_indices)),
+            "cache_fill": fill,
+            "wire": {"client_uploads": self.tally.manifest},
+        }
+        return RunResult(metrics=metrics, rounds=rounds, seconds=seconds, method_config=self.method.config)
 
 
-@torch.no_grad()
-def _evaluate(ws: Workspace, clients: dict, t: int, pre, correct: dict, total: np.ndarray) -> None:
-    sc = ws.scenario
-    glob = torch.as_tensor(sc.all_seen_classes(t), device=ws.device)
-    amp = ws.cfg.amp and ws.device.type == "cuda"
-    for c, client in clients.items():
-        own = torch.as_tensor(sc.seen_classes(c, t), device=ws.device)
-        for i in range(t + 1):
-            data = ClientData(ws.dataset.test, sc.test_indices[c][i], "test", pre, ws.device)
-            n_c = n_g = 0
-            for batch in data.batches(ws.cfg.eval_batch_size):
-                with torch.autocast(ws.device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = client.predict(batch)
-                if logits.shape != (len(batch), sc.num_classes):
-                    raise ValueError(f"predict must return (batch, {sc.num_classes}) logits over all classes; "
-                                     f"got {tuple(logits.shape)}")
-                n_c += _restricted_correct(logits, batch.y, own)
-                n_g += _restricted_correct(logits, batch.y, glob)
-            correct["client"][c, t, i] = n_c
-            correct["global"][c, t, i] = n_g
-            total[c, i] = len(data)
+def _mask(n: int, indices: np.ndarray) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[np.asarray(indices, dtype=np.int64)] = True
+    return m
 
 
-def describe(ws: Workspace) -> dict:
-    """What a run records about its data and models."""
-    fm = ws.foundation
-    return {
-        "dataset": {"name": ws.dataset.name, "fingerprint": ws.dataset.fingerprint, "classes": ws.dataset.num_classes,
-                    "train": len(ws.dataset.train), "test": len(ws.dataset.test), **{
-                        k: v for k, v in ws.dataset.info.items() if isinstance(v, (int, float, str, type(None)))}},
-        "foundation": None if fm is None else {"name": fm.name, "key": fm.key, "depth": fm.depth,
-                                               "embed_dim": fm.embed_dim,
-                                               "source": fm.info.get("source")},
-        "preprocess": None if fm is None else dataclasses.asdict(fm.preprocess),
-        "scenario_hash": ws.scenario.hash,
-    }
+def run_method(method_cls: type[Method], method_cfg: Any, ws: Workspace, run: RunConfig,
+               log: Callable[[str], None] = print, progress: bool = True, flops: str = "sampled") -> RunResult:
+    """Run one method through all tasks and rounds of the workspace's scenario (no checkpoints)."""
+    return Federation(method_cls, method_cfg, ws, run, log=log, progress=progress, flops=flops).run()

@@ -21,7 +21,7 @@ import json
 import numbers
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ FORMAT = "fcl-bench-scenario"
 VERSION = 1
 
 # spawn_key prefixes of the independent random streams derived from the seed.
-_STREAM_CLASSES, _STREAM_PUBLIC, _STREAM_TASKS = 0, 1, 2
+_STREAM_CLASSES, _STREAM_PUBLIC, _STREAM_TASKS, _STREAM_SERVER = 0, 1, 2, 3
 
 
 class ScenarioError(ValueError):
@@ -49,7 +49,8 @@ class ScenarioSpec:
     as ``tasks`` tasks of ``classes_per_task`` classes, so ``private + public == tasks * classes_per_task``
     and the dataset needs ``clients * private + public`` classes. ``alpha`` is the Dirichlet concentration
     of the public split (small: skewed, large: even); ``min_per_class`` training samples of every public
-    class are guaranteed on every client.
+    class are guaranteed on every client. ``server_per_class`` training samples of each public class are
+    reserved for the server (the server-held split) before the Dirichlet split, so no client holds them.
 
     Construction does not validate (so overrides can be applied one field at a time); call
     :meth:`validate`, which :func:`build_scenario` also does.
@@ -63,6 +64,7 @@ class ScenarioSpec:
     alpha: float
     seed: int
     min_per_class: int = 1
+    server_per_class: int = 0
 
     @property
     def classes_per_client(self) -> int:
@@ -74,12 +76,14 @@ class ScenarioSpec:
 
     def validate(self, num_classes: int | None = None) -> None:
         """Raise :class:`ScenarioError` naming the first broken rule; ``num_classes``: classes available."""
-        for name in ("clients", "private", "public", "tasks", "classes_per_task", "seed", "min_per_class"):
+        for name in ("clients", "private", "public", "tasks", "classes_per_task", "seed", "min_per_class",
+                     "server_per_class"):
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
                 raise ScenarioError(f"{name} must be an integer, got {value!r}")
         for name, low in (("clients", 1), ("tasks", 1), ("classes_per_task", 1),
-                          ("private", 0), ("public", 0), ("seed", 0), ("min_per_class", 0)):
+                          ("private", 0), ("public", 0), ("seed", 0), ("min_per_class", 0),
+                          ("server_per_class", 0)):
             if getattr(self, name) < low:
                 raise ScenarioError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not isinstance(self.alpha, numbers.Real) or isinstance(self.alpha, bool) \
@@ -91,6 +95,9 @@ class ScenarioSpec:
                 f"each client has {self.private} private + {self.public} public = {self.classes_per_client} "
                 f"classes, but {self.tasks} tasks x {self.classes_per_task} classes per task = {per_task}; "
                 f"private + public must equal tasks x classes_per_task")
+        if self.server_per_class and not self.public:
+            raise ScenarioError(f"server_per_class={self.server_per_class} reserves samples of the public "
+                                "classes for the server, but public is 0; set public > 0 or server_per_class=0")
         if num_classes is not None and self.classes_needed > num_classes:
             raise ScenarioError(
                 f"{self.clients} clients x {self.private} private + {self.public} public = "
@@ -100,6 +107,8 @@ class ScenarioSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["alpha"] = float(self.alpha)  # 1 and 1.0 must hash alike
+        if not self.server_per_class:  # scenarios without a server-held split keep their hashes
+            del d["server_per_class"]
         return d
 
     @classmethod
@@ -108,7 +117,8 @@ class ScenarioSpec:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ScenarioError(f"unknown scenario parameters {unknown}; known: {sorted(names)}")
-        missing = sorted(f.name for f in fields(cls) if f.name not in d and f.name != "min_per_class")
+        missing = sorted(f.name for f in fields(cls) if f.name not in d
+                         and f.name not in ("min_per_class", "server_per_class"))
         if missing:
             raise ScenarioError(f"missing scenario parameters {missing}")
         return cls(**d)
@@ -135,6 +145,7 @@ class Scenario:
     ``train_indices[c][t]`` / ``test_indices[c][t]``: sorted int64 indices into the dataset's train/test
     split. ``private_classes[c]``: client ``c``'s own classes (sorted); ``public_classes``: shared (sorted).
     ``labels_sha256`` fingerprints the label arrays the scenario was built from (see :meth:`check_labels`).
+    ``server_indices``: sorted training indices of the server-held split (empty without one).
     Two scenarios are equal when their content hashes are.
     """
 
@@ -146,6 +157,7 @@ class Scenario:
     private_classes: list[list[int]]
     public_classes: list[int]
     labels_sha256: str
+    server_indices: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     @property
     def num_clients(self) -> int:
@@ -198,9 +210,12 @@ class Scenario:
                       "train": self.train_indices[c][t].tolist(),
                       "test": self.test_indices[c][t].tolist()} for t in range(len(self.client_tasks[c]))]
             clients.append({"private_classes": [int(k) for k in self.private_classes[c]], "tasks": tasks})
-        return {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(),
-                "num_classes": int(self.num_classes), "labels_sha256": self.labels_sha256,
-                "public_classes": [int(k) for k in self.public_classes], "clients": clients}
+        out = {"format": FORMAT, "version": VERSION, "spec": self.spec.to_dict(),
+               "num_classes": int(self.num_classes), "labels_sha256": self.labels_sha256,
+               "public_classes": [int(k) for k in self.public_classes], "clients": clients}
+        if self.spec.server_per_class:
+            out["server"] = self.server_indices.tolist()
+        return out
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, no spaces) with ``"hash"``: sha256 of the same JSON without it."""
@@ -272,7 +287,8 @@ class Scenario:
                 train_indices=[[np.asarray(t["train"], dtype=np.int64) for t in cl["tasks"]] for cl in clients],
                 test_indices=[[np.asarray(t["test"], dtype=np.int64) for t in cl["tasks"]] for cl in clients],
                 private_classes=[list(cl["private_classes"]) for cl in clients],
-                public_classes=list(payload["public_classes"]), labels_sha256=payload["labels_sha256"])
+                public_classes=list(payload["public_classes"]), labels_sha256=payload["labels_sha256"],
+                server_indices=np.asarray(payload.get("server", []), dtype=np.int64))
         except (KeyError, TypeError) as e:
             raise ScenarioError(f"malformed scenario file: {type(e).__name__} {e}") from None
         spec.validate(scenario.num_classes)
@@ -311,18 +327,41 @@ def _split_counts(sizes: np.ndarray, k: int, alpha: float, min_per_class: int,
     return min_per_class + np.diff(edges, axis=1, prepend=0)
 
 
+def _reserve_for_server(spec: ScenarioSpec, train: np.ndarray, public: np.ndarray) -> np.ndarray:
+    """Sorted training indices of ``server_per_class`` seeded samples of each public class."""
+    if not spec.server_per_class:
+        return np.empty(0, dtype=np.int64)
+    rng = _rng(spec.seed, _STREAM_SERVER)
+    keep = []
+    for k in public:
+        members = np.flatnonzero(train == k)
+        need = spec.server_per_class + spec.clients * spec.min_per_class
+        if len(members) < need:
+            raise ScenarioError(
+                f"public class {k} has {len(members)} training samples, but server_per_class "
+                f"{spec.server_per_class} + {spec.clients} clients x min_per_class {spec.min_per_class} = "
+                f"{need} are needed; lower server_per_class")
+        keep.append(rng.permutation(members)[:spec.server_per_class])
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
 def _assign_owners(spec: ScenarioSpec, train: np.ndarray, num_classes: int,
-                   private: list[np.ndarray], public: np.ndarray) -> np.ndarray:
-    """int64 ``(N_train,)``: the client owning each training sample, -1 for classes nobody uses."""
+                   private: list[np.ndarray], public: np.ndarray, reserved: np.ndarray) -> np.ndarray:
+    """int64 ``(N_train,)``: the client owning each training sample, -1 for classes nobody uses and for
+    the ``reserved`` (server-held) samples."""
     owner_of_class = np.full(num_classes, -1, dtype=np.int64)
     for c, classes in enumerate(private):
         owner_of_class[classes] = c
     owner = owner_of_class[train]
     if len(public) == 0:
         return owner
+    available = np.ones(len(train), dtype=bool)
+    available[reserved] = False
+    owner[reserved] = -1
     order = np.argsort(train, kind="stable")
+    order = order[available[order]]
     starts = np.searchsorted(train[order], public)
-    sizes = np.bincount(train, minlength=num_classes)[public]
+    sizes = np.bincount(train[available], minlength=num_classes)[public]
     short = sizes < spec.clients * spec.min_per_class
     if short.any():
         detail = ", ".join(f"class {k} has {n}" for k, n in zip(public[short], sizes[short]))
@@ -354,8 +393,9 @@ def build_scenario(spec: ScenarioSpec, train_labels: np.ndarray, test_labels: np
 
     Classes: a seeded permutation of the classes present in ``train_labels``; client ``c`` gets block
     ``c`` of the first ``clients * private`` as its private classes, the next ``public`` are public; the
-    rest are unused. A private class's training samples all go to its client. Each public class's samples
-    are shuffled and split: every client first gets ``min_per_class`` of them, the rest is split by
+    rest are unused. A private class's training samples all go to its client. First ``server_per_class``
+    seeded samples of each public class are set aside as the server-held split; the rest of each public
+    class's samples are shuffled and split: every client first gets ``min_per_class`` of them, the rest is split by
     Dirichlet(``alpha``) proportions rounded cumulatively (shares sum exactly, each within one sample of
     its proportion). Each client's classes are shuffled by its own seeded generator and cut into
     ``tasks`` tasks of ``classes_per_task``. A task's test set is every test sample of its classes.
@@ -373,7 +413,8 @@ def build_scenario(spec: ScenarioSpec, train_labels: np.ndarray, test_labels: np
     chosen = _rng(spec.seed, _STREAM_CLASSES).permutation(present)
     private = [np.sort(chosen[c * p:(c + 1) * p]) for c in range(k)]
     public = np.sort(chosen[k * p:k * p + spec.public])
-    owner = _assign_owners(spec, train, num_classes, private, public)
+    reserved = _reserve_for_server(spec, train, public)
+    owner = _assign_owners(spec, train, num_classes, private, public, reserved)
     all_test = np.arange(len(test), dtype=np.int64)  # a client is tested on every test sample of its classes
 
     client_tasks, train_idx, test_idx = [], [], []
@@ -386,7 +427,8 @@ def build_scenario(spec: ScenarioSpec, train_labels: np.ndarray, test_labels: np
         test_idx.append(_split_by_task(all_test, test, tasks, num_classes))
     return Scenario(spec=spec, num_classes=num_classes, client_tasks=client_tasks, train_indices=train_idx,
                     test_indices=test_idx, private_classes=[x.tolist() for x in private],
-                    public_classes=public.tolist(), labels_sha256=_labels_digest(train, test))
+                    public_classes=public.tolist(), labels_sha256=_labels_digest(train, test),
+                    server_indices=reserved)
 
 
 # -- display ------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 
 Every file is written atomically (temporary file + ``os.replace``). ``status.json`` says ``running``,
 ``completed`` or ``failed`` (with the reason). A completed run is skipped on re-run unless forced; a run
-found ``running`` or ``failed`` (killed midway, crashed) is restarted from scratch: its old files are
-removed first so nothing stale mixes with the new run.
+found ``running`` or ``failed`` (killed midway, crashed) resumes from its checkpoint when the executor
+finds a matching one, else restarts from scratch: its old files are removed first so nothing stale mixes
+with the new run.
 """
 
 from __future__ import annotations
@@ -73,11 +74,18 @@ class RunRecord:
         s = self.status
         return bool(s) and s.get("state") == "completed" and (self.path / "metrics.json").exists()
 
-    def start(self) -> None:
-        """Begin (or restart cleanly): old files go, status becomes ``running``."""
+    def start(self, keep: tuple[str, ...] = ()) -> None:
+        """Begin (or restart cleanly): old files go, except those named in ``keep`` (a resumable checkpoint
+        and its log), and status becomes ``running``."""
         if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+            for p in self.path.iterdir():
+                if p.name in keep:
+                    continue
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.path / "status.json", {"state": "running", "started": time.time(), "pid": os.getpid()})
 
     def log(self, line: str) -> None:

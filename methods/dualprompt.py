@@ -21,8 +21,8 @@ official code does when the mask would index past the pool. Block indices past t
 last block are clamped to it (duplicates dropped; overlapping G and E prefixes on one block are
 concatenated): on the tiny default ViT (depth 6) and ViT-B (depth 12) nothing changes; on depth 4 the
 E-prompt uses blocks (2, 3). Per-sample selection by default; ``batchwise=True`` is the official trick
-(predictions depend on the batch), a labelled option. Every client starts from the same seeded prompts,
-keys and head. Inputs follow the foundation model's ``Preprocess`` (the official code feeds [0, 1]).
+(predictions depend on the batch), a labelled option. The server broadcasts its seeded initial prompts,
+keys and head at the first task start. Inputs follow the foundation model's ``Preprocess`` (the official code feeds [0, 1]).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fcl_bench.api import Client, Env, Method, Server, Task
+from fcl_bench.api import Client, ClientEnv, Method, MethodEnv, Server, ServerEnv, Task
 from fcl_bench.config import ConfigError
 from fcl_bench.data import Batch
-from fcl_bench.methods.fedavg import AveragingServer
-from fcl_bench.nn.prompt_methods import PromptClient, fit_layers, linear_head, scaled_lr, seeded
+from fcl_bench.nn.averaging import N_KEY
+from fcl_bench.nn.prompt_methods import PromptClient, fit_layers, linear_head, prompt_server, scaled_lr
 from fcl_bench.nn.prompts import PrefixPool, combine_prefixes, forward_with_prompts, pull_loss
 from fcl_bench.registry import register
 
@@ -87,13 +87,11 @@ class DualPromptModel(nn.Module):
 
 
 class DualPromptClient(PromptClient):
-    def __init__(self, cfg: DualPromptConfig, env: Env, client_id: int, g_layers: tuple[int, ...],
+    def __init__(self, cfg: DualPromptConfig, env: ClientEnv, g_layers: tuple[int, ...],
                  e_layers: tuple[int, ...]):
-        fm = env.foundation
-        model = seeded(env.seed, lambda: DualPromptModel(cfg, g_layers, e_layers, fm.embed_dim,
-                                                         env.scenario.num_classes))
+        model = DualPromptModel(cfg, g_layers, e_layers, env.foundation.embed_dim, env.scenario.num_classes)
         lr = cfg.lr if cfg.lr is not None else scaled_lr(0.03, env.batch_size)
-        super().__init__(env, client_id, model, lr, cfg.clip_grad, cfg.pull_lambda, cfg.train_mask)
+        super().__init__(env, model, lr, cfg.clip_grad, cfg.pull_lambda, cfg.train_mask)
         self.cfg = cfg
 
     def start_task(self, task: Task) -> None:
@@ -128,8 +126,9 @@ class DualPrompt(Method):
     name = "dualprompt"
     description = "FedAvg+DualPrompt: shared G-prefix + key-matched E-prefix pool on the frozen ViT, averaged"
     Config = DualPromptConfig
+    uploads = ("g.*", "e.*", "head.*", N_KEY)
 
-    def __init__(self, config: DualPromptConfig, env: Env):
+    def __init__(self, config: DualPromptConfig, env: MethodEnv):
         super().__init__(config, env)
         config.validate()
         if getattr(env.foundation.vit, "cls_token", None) is None:
@@ -145,8 +144,9 @@ class DualPrompt(Method):
             env.log(f"[dualprompt] {env.scenario.num_tasks} tasks > e_pool_size {config.e_pool_size}: tasks "
                     f"from {config.e_pool_size} on train with key-matched E-prompts (official behaviour)")
 
-    def client(self, client_id: int) -> Client:
-        return DualPromptClient(self.config, self.env, client_id, self.g_layers, self.e_layers)
+    def client(self, client_id: int, env: ClientEnv) -> Client:
+        return DualPromptClient(self.config, env, self.g_layers, self.e_layers)
 
-    def server(self) -> Server:
-        return AveragingServer()
+    def server(self, env: ServerEnv) -> Server:
+        return prompt_server(env, lambda: DualPromptModel(self.config, self.g_layers, self.e_layers,
+                                                          env.foundation.embed_dim, env.scenario.num_classes))

@@ -28,30 +28,48 @@ an extra no-grad pass over the current task's data after each round; Stage 2 run
 BatchNorm layers in eval mode (running statistics frozen), so E and E' are computed alike. Ablations (Table 2): ``collab=False``
 (the small model classifies alone: CNN -> head, no ViT, FedAvg of the small models, so they must share an
 arch), ``continual_finetune=False`` (no Stage 2), ``aggregation`` = o2d | fedavg (one n_k-weighted average
-generator for everyone; no feature set uploaded) | none (no communication after training).
+generator for everyone; no feature set uploaded) | none (no communication after training). The ablations
+that average a model (``collab=False``: theta; ``aggregation=fedavg``: phi) start every client from one
+initial model that the server broadcasts at the first task start, as FedAvg does; with O2D (the paper's
+method) each client keeps its own initial generator.
+
+A client that sits out every round of a task (``participation < 1``) selects its buffer slots for that
+task when the task ends, so its buffer still covers every task.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fcl_bench.api import Client, Env, Method, Payload, Server, Task
+from fcl_bench.api import (
+    Client,
+    ClientEnv,
+    DownloadKind,
+    Method,
+    MethodEnv,
+    Payload,
+    RoundInfo,
+    Server,
+    ServerEnv,
+    Task,
+)
+from fcl_bench.config import ConfigError
 from fcl_bench.data import Batch, ClientData, concat_views
-from fcl_bench.nn.averaging import load_trainable, trainable_state, weighted_average
+from fcl_bench.nn.averaging import N_KEY, load_trainable, seeded, trainable_state, weighted_average
+from fcl_bench.nn.distill import batchnorm_eval, frozen_copy
+from fcl_bench.nn.exemplars import lowest_loss_per_class
 from fcl_bench.nn.heads import GrowingHead
-from fcl_bench.nn.lora import LoRAGenerator, adapted_forward, check_target, lora_scale
+from fcl_bench.nn.lora import LoRAGenerator, adapted_forward, lora_scale
 from fcl_bench.nn.o2d import o2d_closed_form, o2d_gradient
 from fcl_bench.nn.training import optimizer_step
 from fcl_bench.registry import register
-
-N_KEY = "__num_samples__"
+from fcl_bench.state import State
 
 
 @dataclass
@@ -59,28 +77,33 @@ class FedLSCLConfig:
     lr: float = 1e-3                    # Adam, paper section 5.1
     rank: int = 4                       # LoRA rank r
     lora_alpha: float = 4.0             # scale = lora_alpha / rank
-    target: str = "qkv"                 # "qkv" or "qv"
+    target: Literal["qkv", "qv"] = "qkv"
     block: int = 3                      # adapted ViT block (Fig. 3)
     buffer_per_class: int = 20          # M (Fig. 5)
     lambda_e: float = 1.0               # Eq. 4 feature term
     lambda_w: float = 1.0               # Eq. 4 generated-parameter term
     o2d_lambda: float = 1.0             # Eq. 5 anchor weight
-    o2d_solver: str = "closed_form"     # "closed_form" (linear generator) or "gradient"
+    o2d_solver: Literal["closed_form", "gradient"] = "closed_form"  # gradient: L-BFGS (non-linear generators)
     o2d_steps: int = 100                # L-BFGS iterations of the gradient solver
     collab: bool = True                 # Table 2: large-small collaboration
     continual_finetune: bool = True     # Table 2: Stage 2
-    aggregation: str = "o2d"            # Table 2: o2d | fedavg | none
+    aggregation: Literal["o2d", "fedavg", "none"] = "o2d"  # Table 2
     prefix_cache: bool = True           # frozen blocks < b from the feature cache (off: recomputed)
 
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first value that cannot work (before any data is loaded)."""
+        for k in ("rank", "buffer_per_class", "o2d_steps"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"fedlscl.{k} must be >= 1, got {getattr(self, k)}")
+        if self.block < 0:
+            raise ConfigError(f"fedlscl.block must be >= 0 (a ViT block index), got {self.block}")
+        for k in ("lambda_e", "lambda_w", "o2d_lambda"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"fedlscl.{k} must be >= 0, got {getattr(self, k)}")
 
-def _check(cfg: FedLSCLConfig, env: Env) -> None:
-    check_target(cfg.target)
-    if cfg.aggregation not in ("o2d", "fedavg", "none"):
-        raise ValueError(f"fedlscl.aggregation must be o2d, fedavg or none; got '{cfg.aggregation}'")
-    if cfg.o2d_solver not in ("closed_form", "gradient"):
-        raise ValueError(f"fedlscl.o2d_solver must be closed_form or gradient; got '{cfg.o2d_solver}'")
-    if cfg.buffer_per_class < 1:
-        raise ValueError(f"fedlscl.buffer_per_class must be >= 1, got {cfg.buffer_per_class}")
+
+def _check(cfg: FedLSCLConfig, env: MethodEnv) -> None:
+    cfg.validate()
     if cfg.collab:
         env.foundation.check_block(cfg.block)
     elif len(set(env.small_archs)) > 1:
@@ -89,9 +112,9 @@ def _check(cfg: FedLSCLConfig, env: Env) -> None:
 
 
 class FedLSCLClient(Client):
-    def __init__(self, cfg: FedLSCLConfig, env: Env, cid: int):
-        self.cfg, self.env, self.id = cfg, env, cid
-        self.theta = env.make_small_model(cid)
+    def __init__(self, cfg: FedLSCLConfig, env: ClientEnv):
+        self.cfg, self.env, self.id = cfg, env, env.client_id
+        self.theta = env.make_small_model()
         e = env.small_width
         if cfg.collab:
             fm = env.foundation
@@ -104,6 +127,8 @@ class FedLSCLClient(Client):
         self.old: tuple[nn.Module, nn.Module | None] | None = None  # frozen theta^{n-1}, phi^{n-1}
         self.buffers: list[ClientData] = []   # fixed slots of earlier tasks
         self.current_slots: ClientData | None = None
+        self.task: Task | None = None
+        self.opt: torch.optim.Optimizer | None = None
 
     # -- model -------------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
@@ -129,11 +154,14 @@ class FedLSCLClient(Client):
 
     # -- protocol ----------------------------------------------------------------------------------
     def start_task(self, task: Task) -> None:
-        self.task = task
         self.head.add_classes(task.classes)
+        self._begin(task)
+        self.current_slots = None
+
+    def _begin(self, task: Task) -> None:
+        self.task = task
         params = [p for m in self.modules() for p in m.parameters()]
         self.opt = torch.optim.Adam(params, lr=self.cfg.lr)
-        self.current_slots = None
 
     def _step(self, loss: torch.Tensor) -> None:
         optimizer_step(loss, self.opt, f"client {self.id} loss")
@@ -142,8 +170,8 @@ class FedLSCLClient(Client):
         for m in self.modules():
             m.train(on)
 
-    def train_round(self) -> Payload:
-        env, g = self.env, self.env.generator(self.id)
+    def train_round(self, info: RoundInfo) -> Payload:
+        env, g = self.env, self.env.generator
         self._train_mode(True)
         for _ in range(env.epochs):                                     # Stage 1
             for batch in self.task.train.batches(env.batch_size, shuffle=True, generator=g):
@@ -155,7 +183,7 @@ class FedLSCLClient(Client):
             old_buffer = concat_views(self.buffers)
             # BatchNorm in eval mode: E is then computed exactly as E' (frozen running statistics), so
             # Eq. 4 compares like with like instead of batch statistics of a small buffer batch
-            _batchnorm_eval(self.theta)
+            batchnorm_eval(self.theta)
             for _ in range(env.epochs):
                 for batch in old_buffer.batches(env.batch_size, shuffle=True, generator=g):
                     with env.autocast():
@@ -190,11 +218,8 @@ class FedLSCLClient(Client):
                 logits, _, _ = self.forward(batch)
             losses.append(F.cross_entropy(logits.float(), batch.y, reduction="none").cpu())
         loss = torch.cat(losses).numpy()
-        keep = []
-        for c in self.task.classes:
-            pos = np.flatnonzero(data.labels == c)
-            keep.append(pos[np.argsort(loss[pos], kind="stable")[: self.cfg.buffer_per_class]])
-        self.current_slots = data.subset(np.sort(np.concatenate(keep)))
+        self.current_slots = data.subset(lowest_loss_per_class(loss, data.labels, self.task.classes,
+                                                               self.cfg.buffer_per_class))
 
     @torch.no_grad()
     def _feature_set(self) -> torch.Tensor:
@@ -214,7 +239,7 @@ class FedLSCLClient(Client):
             up["fs"] = self._feature_set()
         return up
 
-    def receive(self, download: Payload) -> None:
+    def receive(self, download: Payload, kind: DownloadKind) -> None:
         if not download:
             return
         if not self.cfg.collab:
@@ -225,30 +250,89 @@ class FedLSCLClient(Client):
             self.phi.linear.bias.copy_(download["phi.bias"])
 
     def end_task(self) -> None:
+        if self.current_slots is None:  # sat out every round of this task
+            self._select_current_slots()
         self.buffers.append(self.current_slots)
-        frozen = [copy.deepcopy(m).eval().requires_grad_(False) if m is not None else None
-                  for m in (self.theta, self.phi)]
-        self.old = (frozen[0], frozen[1])
+        self.old = (frozen_copy(self.theta), frozen_copy(self.phi) if self.phi is not None else None)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
         self._train_mode(False)
         return self.forward(batch)[0]
 
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> State:
+        old = None
+        if self.old is not None:
+            old = {"theta": self.old[0].state_dict(),
+                   "phi": None if self.old[1] is None else self.old[1].state_dict()}
+        return {"theta": self.theta.state_dict(), "phi": None if self.phi is None else self.phi.state_dict(),
+                "head": self.head.state_dict(), "old": old,
+                "buffers": [b.indices for b in self.buffers],
+                "current_slots": None if self.current_slots is None else self.current_slots.indices,
+                "task": -1 if self.task is None else self.task.index,
+                "opt": None if self.opt is None else self.opt.state_dict()}
+
+    def load_state_dict(self, state: State) -> None:
+        self.theta.load_state_dict(state["theta"])
+        if self.phi is not None:
+            self.phi.load_state_dict(state["phi"])
+        self.head.load_state_dict(state["head"])
+        self.old = None
+        if state["old"] is not None:
+            old_phi = None
+            if self.phi is not None:
+                old_phi = frozen_copy(self.phi)
+                old_phi.load_state_dict(state["old"]["phi"])
+            old_theta = frozen_copy(self.theta)
+            old_theta.load_state_dict(state["old"]["theta"])
+            self.old = (old_theta, old_phi)
+        self.buffers = [self.env.view(ix) for ix in state["buffers"]]
+        self.current_slots = None if state["current_slots"] is None else self.env.view(state["current_slots"])
+        if state["task"] >= 0:
+            self._begin(self.env.task(state["task"]))
+            self.opt.load_state_dict(state["opt"])
+
 
 class FedLSCLServer(Server):
-    def __init__(self, cfg: FedLSCLConfig, env: Env):
+    """O2D (personalised generators, to each participant) or, for the averaging ablations, an n_k-weighted
+    average to every client after a broadcast of the initial model at the first task start."""
+
+    def __init__(self, cfg: FedLSCLConfig, env: ServerEnv):
         self.cfg, self.env = cfg, env
 
-    def aggregate(self, uploads: Mapping[int, Payload]) -> Mapping[int, Payload]:
+    @property
+    def averages(self) -> bool:
+        return not self.cfg.collab or self.cfg.aggregation == "fedavg"
+
+    def start_task(self, task_index: int) -> Mapping[int, Payload]:
+        if task_index > 0 or not self.averages:
+            return {}
+        env = self.env
+        if not self.cfg.collab:
+            theta = seeded(env.seed, lambda: env.build_small_model(0))
+            init = {f"theta.{k}": v for k, v in trainable_state(theta).items()}
+        else:
+            phi = seeded(env.seed, lambda: LoRAGenerator(env.small_width, env.foundation.embed_dim, self.cfg.rank,
+                                                         self.cfg.target))
+            init = {"phi.weight": phi.linear.weight.detach(), "phi.bias": phi.linear.bias.detach()}
+        return {c: init for c in range(env.scenario.num_clients)}
+
+    def aggregate(self, uploads: Mapping[int, Payload], info: RoundInfo) -> Mapping[int, Payload]:
         ids = sorted(c for c in uploads if uploads[c])
         if not ids:
             return {}
-        if not self.cfg.collab or self.cfg.aggregation == "fedavg":
+        if self.averages:
             states = [{k: v for k, v in uploads[c].items() if k not in (N_KEY, "fs")} for c in ids]
             avg = weighted_average(states, [float(uploads[c][N_KEY]) for c in ids])
-            return {c: avg for c in ids}
+            return {c: avg for c in range(self.env.scenario.num_clients)}
         return {i: self._o2d(i, uploads, ids) for i in ids}
+
+    def state_dict(self) -> State:
+        return {}
+
+    def load_state_dict(self, state: State) -> None:
+        return None
 
     def _o2d(self, i: int, uploads: Mapping[int, Payload], ids: list[int]) -> Payload:
         lam = self.cfg.o2d_lambda
@@ -261,12 +345,6 @@ class FedLSCLServer(Server):
         out = o2d_gradient(_linear(*student), [(_linear(uploads[j]["phi.weight"], uploads[j]["phi.bias"]),
                                                 uploads[j]["fs"]) for j in others], lam, steps=self.cfg.o2d_steps)
         return {"phi.weight": out.weight.detach(), "phi.bias": out.bias.detach()}
-
-
-def _batchnorm_eval(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
 
 
 def _linear(W: torch.Tensor, b: torch.Tensor) -> nn.Linear:
@@ -283,13 +361,24 @@ class FedLSCL(Method):
     description = ("Fed-LSCL: client CNNs generate per-sample LoRA for a frozen ViT block; buffer-based continual "
                    "fine-tuning; One-by-One Distillation of the generators")
     Config = FedLSCLConfig
+    global_space = False  # each client's head covers its own classes only
+    uploads = ("phi.weight", "phi.bias", "fs", "theta.*", N_KEY)
 
-    def __init__(self, config: FedLSCLConfig, env: Env):
+    def __init__(self, config: FedLSCLConfig, env: MethodEnv):
         super().__init__(config, env)
         _check(config, env)
+        # what leaves a client under this configuration: theta only when the small models are averaged
+        if not config.collab:
+            self.uploads = ("theta.*", N_KEY)
+        elif config.aggregation == "none":
+            self.uploads = ()
+        elif config.aggregation == "fedavg":
+            self.uploads = ("phi.weight", "phi.bias", N_KEY)
+        else:
+            self.uploads = ("phi.weight", "phi.bias", "fs", N_KEY)
 
-    def client(self, client_id: int) -> Client:
-        return FedLSCLClient(self.config, self.env, client_id)
+    def client(self, client_id: int, env: ClientEnv) -> Client:
+        return FedLSCLClient(self.config, env)
 
-    def server(self) -> Server:
-        return FedLSCLServer(self.config, self.env)
+    def server(self, env: ServerEnv) -> Server:
+        return FedLSCLServer(self.config, env)

@@ -1,7 +1,7 @@
 """FedProx (Li et al., 2020): FedAvg plus the proximal term (mu/2)*||w - w_global||^2 on the trainable
-parameters, anchored at this round's global model (what the client last received; its own initial
-weights before the first download). Added as the gradient mu*(w - w_global) before each optimiser step,
-as the official code does. ``mu`` is explicit (official README sweeps 0.001..1; default 0.01)."""
+parameters, anchored at this round's global model (what the client last received: the server's w_0
+before the first round). Added as the gradient mu*(w - w_global) before each optimiser step, as the
+official code does. ``mu`` is explicit (official README sweeps 0.001..1; default 0.01)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fcl_bench.api import Payload, Task
+from fcl_bench.api import DownloadKind, Payload, Task
 from fcl_bench.methods.fedavg import FedAvg, FedAvgClient, FedAvgConfig
 from fcl_bench.registry import register
+from fcl_bench.state import State
 
 
 @dataclass
@@ -20,9 +21,11 @@ class FedProxConfig(FedAvgConfig):
 
 
 class FedProxClient(FedAvgClient):
+    anchor: list[torch.Tensor] | None = None
+
     def start_task(self, task: Task) -> None:
         super().start_task(task)
-        if not hasattr(self, "anchor"):
+        if self.anchor is None:
             self._set_anchor()
 
     def _set_anchor(self) -> None:
@@ -36,9 +39,17 @@ class FedProxClient(FedAvgClient):
             if p.grad is not None:
                 p.grad.add_(p.detach() - w0, alpha=self.cfg.mu)
 
-    def receive(self, download: Payload) -> None:
-        super().receive(download)
+    def receive(self, download: Payload, kind: DownloadKind) -> None:
+        super().receive(download, kind)
         self._set_anchor()
+
+    def state_dict(self) -> State:
+        return {**super().state_dict(), "anchor": self.anchor}
+
+    def load_state_dict(self, state: State) -> None:
+        super().load_state_dict(state)
+        anchor = state.get("anchor")
+        self.anchor = None if anchor is None else [a.to(self.env.device) for a in anchor]
 
 
 @register

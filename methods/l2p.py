@@ -22,7 +22,7 @@ order of the ``-o`` options: ``-o l2p.defaults=jax -o l2p.top_n=5`` is the JAX p
 Per-sample selection by default: a sample's prompts depend on its own query only. ``batchwise=True`` is
 the official codes' default trick (the N indices chosen most often in the batch are used for every
 sample, at training and at test time), kept as a labelled option: it makes predictions depend on the
-batch. Every client starts from the same seeded prompts, keys and head.
+batch. The server broadcasts its seeded initial prompts, keys and head at the first task start.
 
 Normalisation: inputs follow the foundation model's ``Preprocess`` (the tiny ViT: mean = std = 0.5; timm
 ViT-B: its pretrained config), the same pipeline as every other method and the feature cache. The
@@ -38,11 +38,11 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from fcl_bench.api import Client, Env, Method, Server
+from fcl_bench.api import Client, ClientEnv, Method, MethodEnv, Server, ServerEnv
 from fcl_bench.config import ConfigError
 from fcl_bench.data import Batch
-from fcl_bench.methods.fedavg import AveragingServer
-from fcl_bench.nn.prompt_methods import PromptClient, linear_head, scaled_lr, seeded
+from fcl_bench.nn.averaging import N_KEY
+from fcl_bench.nn.prompt_methods import PromptClient, linear_head, prompt_server, scaled_lr
 from fcl_bench.nn.prompts import PromptPool, forward_with_prompts, mean_prompt_tokens, pull_loss
 from fcl_bench.registry import register
 
@@ -102,10 +102,9 @@ class L2PModel(nn.Module):
 
 
 class L2PClient(PromptClient):
-    def __init__(self, cfg: L2PConfig, env: Env, client_id: int):
-        fm = env.foundation
-        model = seeded(env.seed, lambda: L2PModel(cfg, fm.embed_dim, env.scenario.num_classes))
-        super().__init__(env, client_id, model, cfg.lr, cfg.clip_grad, cfg.pull_lambda, cfg.train_mask)
+    def __init__(self, cfg: L2PConfig, env: ClientEnv):
+        model = L2PModel(cfg, env.foundation.embed_dim, env.scenario.num_classes)
+        super().__init__(env, model, cfg.lr, cfg.clip_grad, cfg.pull_lambda, cfg.train_mask)
         self.cfg = cfg
 
     def forward(self, batch: Batch, train: bool) -> tuple[Tensor, Tensor]:
@@ -122,8 +121,9 @@ class L2P(Method):
     name = "l2p"
     description = "FedAvg+L2P: key-matched prompt pool on the frozen ViT; prompts, keys, head averaged"
     Config = L2PConfig
+    uploads = ("pool.*", "head.*", N_KEY)
 
-    def __init__(self, config: L2PConfig, env: Env):
+    def __init__(self, config: L2PConfig, env: MethodEnv):
         super().__init__(config.resolved(env.batch_size), env)
         if getattr(env.foundation.vit, "cls_token", None) is None:
             raise ValueError("l2p queries with the frozen CLS feature; this foundation model has no class "
@@ -132,11 +132,11 @@ class L2P(Method):
         env.log(f"[l2p] defaults={c.defaults}: pool_size={c.pool_size} length={c.length} top_n={c.top_n} "
                 f"pull_lambda={c.pull_lambda} lr={c.lr:g} batchwise={c.batchwise}")
 
-    def client(self, client_id: int) -> Client:
-        return L2PClient(self.config, self.env, client_id)
+    def client(self, client_id: int, env: ClientEnv) -> Client:
+        return L2PClient(self.config, env)
 
-    def server(self) -> Server:
-        return AveragingServer()
+    def server(self, env: ServerEnv) -> Server:
+        return prompt_server(env, lambda: L2PModel(self.config, env.foundation.embed_dim, env.scenario.num_classes))
 
 
 __all__ = ["L2P", "L2PClient", "L2PConfig", "L2PModel", "L2P_DEFAULTS"]

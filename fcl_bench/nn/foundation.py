@@ -133,3 +133,39 @@ def load_foundation(name: str, dataset: Dataset, device: torch.device, weights: 
         return FoundationModel(vit, "tiny", Preprocess(**TINY_VIT_CONFIG), device, info)
     vit, info = build_timm_vit(name, weights, pretrained)
     return FoundationModel(vit, name, _preprocess_from_timm(vit), device, info)
+
+
+def _meta_timm_vit(name: str) -> nn.Module:
+    """The architecture ``name`` on the meta device (no weights, no download, instant), or a clear error."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:5] if name else []
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise FoundationError(f"unknown foundation model '{name}'{hint}; use 'tiny' or a timm ViT name with "
+                              "its tag, e.g. vit_base_patch16_224.augreg_in21k_ft_in1k")
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(name, pretrained=False, num_classes=0)
+    except Exception as e:
+        raise FoundationError(f"could not build foundation model '{name}': {type(e).__name__}: {e}") from None
+    if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
+        raise FoundationError(f"'{name}' is not a timm VisionTransformer (no blocks/patch_embed); use 'tiny' or "
+                              "a timm ViT such as vit_base_patch16_224.augreg_in21k_ft_in1k")
+    return vit
+
+
+def foundation_preprocess(name: str) -> Preprocess:
+    """The input pipeline of foundation model ``name`` without loading it (a run's methods all share it,
+    whether or not they read the foundation model)."""
+    if name == "tiny":
+        from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG
+
+        return Preprocess(**TINY_VIT_CONFIG)
+    return _preprocess_from_timm(_meta_timm_vit(name))
+
+
+def check_foundation(name: str, weights: str | None) -> None:
+    """Fail early (:class:`FoundationError`) for an unknown model or a missing weights file."""
+    if name != "tiny":
+        _meta_timm_vit(name)
+    if weights is not None and not Path(weights).is_file():
+        raise FoundationError(f"--foundation-weights: no file at {weights}")

@@ -8,6 +8,13 @@ import torch
 from torch import nn
 
 
+def masked_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Logits with every class outside ``allowed`` (global ids) set to -inf."""
+    mask = torch.full((logits.shape[1],), float("-inf"), device=logits.device, dtype=logits.dtype)
+    mask[allowed] = 0
+    return logits + mask
+
+
 class GrowingHead(nn.Module):
     """A linear head over the classes a client has seen; rows are added per task, old rows kept.
 
@@ -36,6 +43,16 @@ class GrowingHead(nn.Module):
         self.weight = nn.Parameter(torch.cat([self.weight.data, w]))
         self.bias = nn.Parameter(torch.cat([self.bias.data, b]))
         self.classes = torch.cat([self.classes, torch.as_tensor(new, device=self.classes.device)])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a saved head may hold more rows than this fresh one: take its size before loading
+        w = state_dict.get(prefix + "weight")
+        if w is not None and w.shape != self.weight.shape:
+            dev = self.weight.device
+            self.weight = nn.Parameter(torch.empty(w.shape, device=dev))
+            self.bias = nn.Parameter(torch.empty(w.shape[0], device=dev))
+            self.classes = torch.empty(w.shape[0], dtype=torch.long, device=self.classes.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (B, in_features)`` -> logits ``(B, num_classes)``."""

@@ -1,4 +1,4 @@
-"""What the prompt methods (FedAvg+L2P, FedAvg+DualPrompt) share: the client loop, the head, seeded init.
+"""What the prompt methods (FedAvg+L2P, FedAvg+DualPrompt) share: the client loop, the head, the server.
 
 A :class:`PromptClient` owns a small ``nn.Module`` (prompts and/or prefixes, their keys, a linear head) and
 only *reads* the shared frozen ViT (``env.foundation.vit``), which is never a submodule of it: its weights
@@ -10,7 +10,10 @@ once per sample and run.
 Per step (official L2P / DualPrompt engines): ``CE(masked logits, y) - lambda * pull``, where the training
 class mask sets the logits of classes outside the *current task* to ``-inf``; gradient-norm clipping
 (default 1.0, both codes); Adam re-created at every task start (``reinit_optimizer``). Upload: every
-trainable tensor plus ``n_k``; the server is :class:`~fcl_bench.methods.fedavg.AveragingServer`.
+trainable tensor plus ``n_k``; the server (:func:`prompt_server`) is an
+:class:`~fcl_bench.nn.averaging.AveragingServer` that broadcasts its seeded initial prompts, keys and head
+at the first task start, so every client starts from the same ones (averaging independently drawn
+``uniform(-1, 1)`` prompts would shrink them towards zero).
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fcl_bench.api import Client, Env, Payload, Task
+from fcl_bench.api import ClientEnv, DownloadKind, Payload, RoundInfo, ServerEnv, Task
 from fcl_bench.data import Batch
-from fcl_bench.methods.fedavg import masked_logits, upload_with_count
-from fcl_bench.nn.averaging import load_trainable, trainable_state
-from fcl_bench.nn.training import train_epochs
+from fcl_bench.nn.averaging import AveragingServer, load_trainable, seeded, trainable_state, upload_with_count
+from fcl_bench.nn.heads import masked_logits
+from fcl_bench.nn.training import ModelClient, train_epochs
 
-__all__ = ["PromptClient", "fit_layers", "linear_head", "scaled_lr", "seeded"]
+__all__ = ["PromptClient", "fit_layers", "linear_head", "prompt_server", "scaled_lr"]
 
 
 def scaled_lr(base_lr: float, batch_size: int) -> float:
@@ -44,16 +47,9 @@ def linear_head(dim: int, num_classes: int) -> nn.Linear:
     return head
 
 
-def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
-    """``build()`` under a fixed CPU seed, leaving the global RNG untouched.
-
-    Every client of a run builds its module with the same seed, so all start from the same prompts, keys
-    and head, as if the server had broadcast its initial model (averaging independently drawn
-    ``uniform(-1, 1)`` prompts would shrink them towards zero).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
+def prompt_server(env: ServerEnv, build: Callable[[], nn.Module]) -> AveragingServer:
+    """An averaging server whose initial global model is ``build()`` under the run's seed."""
+    return AveragingServer(env, lambda: trainable_state(seeded(env.seed, build).to(env.device)))
 
 
 def fit_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
@@ -69,20 +65,20 @@ def fit_layers(layers: Sequence[int], depth: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-class PromptClient(Client):
+class PromptClient(ModelClient):
     """Local training of ``model`` (prompts, keys, head) on the frozen ViT; subclasses define :meth:`forward`.
 
     Args:
-        env: the run's environment (frozen model, feature cache, batch size, epochs).
-        client_id: this client's id.
-        model: the trainable module; it must not contain the frozen ViT.
+        env: the client's environment (frozen model, feature cache, batch size, epochs).
+        model: the trainable module; it must not contain the frozen ViT (its initial values are replaced
+            by the server's broadcast).
         lr: Adam learning rate. clip_grad: max gradient norm (<= 0: no clipping).
         pull_lambda: weight of the key pull term. train_mask: mask logits outside the current task.
     """
 
-    def __init__(self, env: Env, client_id: int, model: nn.Module, lr: float, clip_grad: float,
+    def __init__(self, env: ClientEnv, model: nn.Module, lr: float, clip_grad: float,
                  pull_lambda: float, train_mask: bool):
-        self.env, self.id = env, client_id
+        self.env, self.id = env, env.client_id
         self.vit = env.foundation.vit
         self.model = model.to(env.device)
         self.lr, self.clip_grad, self.pull_lambda, self.train_mask = lr, clip_grad, pull_lambda, train_mask
@@ -104,7 +100,7 @@ class PromptClient(Client):
         raise NotImplementedError
 
     # -- protocol ----------------------------------------------------------------------------------
-    def start_task(self, task: Task) -> None:
+    def _begin(self, task: Task) -> None:
         self.task = task
         self.allowed = torch.as_tensor(task.classes, device=self.env.device) if self.train_mask else None
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
@@ -116,16 +112,16 @@ class PromptClient(Client):
             logits = masked_logits(logits, self.allowed)
         return F.cross_entropy(logits, batch.y) - self.pull_lambda * pull.float()
 
-    def train_round(self) -> Payload:
+    def train_round(self, info: RoundInfo) -> Payload:
         self.model.train()
 
         def clip() -> None:
             if self.clip_grad > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-        train_epochs(self.env, self.id, self.task.train, self.loss, self.opt, clip)
+        train_epochs(self.env, self.task.train, self.loss, self.opt, clip)
         return upload_with_count(trainable_state(self.model), len(self.task.train))
 
-    def receive(self, download: Payload) -> None:
+    def receive(self, download: Payload, kind: DownloadKind) -> None:
         load_trainable(self.model, download)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Local training loops shared by methods: one optimiser step, and epochs over a client's data."""
+"""Local training shared by methods: one optimiser step, epochs over a client's data, and
+:class:`ModelClient`, the state handling of a client that trains one module."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-from fcl_bench.api import Env
+from fcl_bench.api import Client, ClientEnv, Task
+from fcl_bench.checks import check_finite
 from fcl_bench.data import Batch, ClientData
-from fcl_bench.federation import check_finite
+from fcl_bench.state import State
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, what: str,
@@ -23,13 +25,40 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, what: str,
     opt.step()
 
 
-def train_epochs(env: Env, client_id: int, data: ClientData, loss_fn: Callable[[Batch], torch.Tensor],
+def train_epochs(env: ClientEnv, data: ClientData, loss_fn: Callable[[Batch], torch.Tensor],
                  opt: torch.optim.Optimizer, before_step: Callable[[], None] | None = None) -> None:
     """``env.epochs`` shuffled passes over ``data`` (the client's seeded generator), one step per batch,
     the loss computed under ``env.autocast()``."""
-    g = env.generator(client_id)
     for _ in range(env.epochs):
-        for batch in data.batches(env.batch_size, shuffle=True, generator=g):
+        for batch in data.batches(env.batch_size, shuffle=True, generator=env.generator):
             with env.autocast():
                 loss = loss_fn(batch)
-            optimizer_step(loss, opt, f"client {client_id} loss", before_step)
+            optimizer_step(loss, opt, f"client {env.client_id} loss", before_step)
+
+
+class ModelClient(Client):
+    """A client whose state is one module ``self.model``, the current task and the optimiser ``self.opt``
+    that :meth:`_begin` builds for it. ``start_task`` calls ``_begin``; ``state_dict`` /
+    ``load_state_dict`` save and restore all three (the task is taken back from the client's env)."""
+
+    model: torch.nn.Module
+    env: ClientEnv
+    task: Task | None = None
+    opt: torch.optim.Optimizer | None = None
+
+    def _begin(self, task: Task) -> None:
+        """Set ``self.task`` and build ``self.opt`` (and whatever else the task needs)."""
+        raise NotImplementedError
+
+    def start_task(self, task: Task) -> None:
+        self._begin(task)
+
+    def state_dict(self) -> State:
+        return {"model": self.model.state_dict(), "task": -1 if self.task is None else self.task.index,
+                "opt": None if self.opt is None else self.opt.state_dict()}
+
+    def load_state_dict(self, state: State) -> None:
+        self.model.load_state_dict(state["model"])
+        if state["task"] >= 0:
+            self._begin(self.env.task(state["task"]))
+            self.opt.load_state_dict(state["opt"])

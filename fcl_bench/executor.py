@@ -1,0 +1,209 @@
+"""Executors: a plan of runs -> results in the store.
+
+A plan is a list of :class:`RunSpec` (one method, label, run config with its seed, method overrides and
+where results go). :func:`run_one` executes one spec and returns its record; it depends only on the spec
+(and the files in the store and the cache), so the in-process executor here, Ray workers and Flower apps
+can all call it. It
+
+* skips a completed run unless ``force``;
+* resumes a run that stopped midway from its last task-boundary checkpoint when the checkpoint was made
+  by the same configuration (same run config, method, method config and scenario), else restarts it;
+* records a failure with its reason instead of raising (``KeyboardInterrupt`` is recorded and re-raised).
+
+Workspaces (data, scenario, foundation model, feature cache) are shared between consecutive runs with
+equal :class:`~fcl_bench.config.WorkspaceConfig`: the process keeps the last one.
+
+:func:`preflight` checks, once per plan, what would fail every run the same way (unknown dataset or
+foundation model, missing data root or weights file, no such device) before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fcl_bench import config as C
+from fcl_bench.store import RunRecord, read_json, run_dir, write_json
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class RunSpec:
+    """One run of a plan. ``run`` carries the seed; ``method_overrides`` are ``-o METHOD.KEY=VALUE`` strings."""
+
+    method: str
+    label: str
+    run: C.RunConfig
+    out: str
+    suite: str
+    method_overrides: dict[str, str] = field(default_factory=dict)
+    force: bool = False
+    flops: str = "sampled"
+    quiet: bool = False
+    keep_checkpoints: bool = False
+    plugins: tuple[str, ...] = ()
+    command: str = ""
+
+    @property
+    def seed(self) -> int:
+        return self.run.seed
+
+    @property
+    def path(self) -> Path:
+        return run_dir(Path(self.out), self.suite, self.label, self.run.dataset, self.run.seed)
+
+
+class PlanError(ValueError):
+    """Every run of the plan would fail the same way; the message names the problem and the fix."""
+
+
+def preflight(specs: Sequence[RunSpec]) -> None:
+    """Raise :class:`PlanError` for a problem every run sharing a workspace config would hit."""
+    from fcl_bench.datasets import DatasetError, check_dataset
+    from fcl_bench.nn.foundation import FoundationError, check_foundation
+    from fcl_bench.workspace import resolve_device
+
+    for ws in dict.fromkeys(s.run.workspace() for s in specs):
+        try:
+            resolve_device(ws.device)
+            check_dataset(ws.dataset, ws.data_root, ws.download)
+            check_foundation(ws.foundation, ws.foundation_weights)
+        except (DatasetError, FoundationError, ValueError) as e:
+            raise PlanError(str(e)) from None
+
+
+_WORKSPACES: dict[C.WorkspaceConfig, Any] = {}
+
+
+def workspace_for(cfg: C.RunConfig, progress: bool = True):
+    """The process's workspace for ``cfg`` (built on first use; one kept in memory at a time)."""
+    from fcl_bench.workspace import Workspace
+
+    key = cfg.workspace()
+    if key not in _WORKSPACES:
+        _WORKSPACES.clear()
+        _WORKSPACES[key] = Workspace.create(key)
+    return _WORKSPACES[key]
+
+
+def fingerprint(spec: RunSpec, method_config: Any, scenario_hash: str) -> str:
+    """What a checkpoint must match to be resumed: run config, method, method config, scenario."""
+    from fcl_bench import __version__
+
+    blob = json.dumps({"run": spec.run.to_dict(), "method": spec.method, "label": spec.label,
+                       "method_config": dataclasses.asdict(method_config), "scenario": scenario_hash,
+                       "version": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def summary_row(spec: RunSpec, rec: RunRecord) -> dict:
+    """The record of a run as the executors return it: identity, state, and headline metrics."""
+    st = rec.status or {}
+    row = {"method": spec.label, "seed": spec.seed, "state": st.get("state"), "reason": st.get("reason", ""),
+           "path": str(rec.path)}
+    if rec.is_complete():
+        m = read_json(rec.path / "metrics.json")
+        row.update(final_acc=m["final_acc"], avg_inc=m["avg_incremental_acc"], forgetting=m["forgetting"],
+                   mb_up=m["bytes_up"] / 1e6, mb_down=m["bytes_down"] / 1e6, seconds=m["wall_seconds"])
+    return row
+
+
+def _load_resumable(rec: RunRecord, fp: str, log: Callable[[str], None]) -> dict | None:
+    from fcl_bench import state as S
+
+    path = rec.path / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        st = S.load(path)
+    except Exception as e:  # a damaged checkpoint costs a restart, never the run
+        log(f"   checkpoint {path} is unreadable ({type(e).__name__}: {e}); restarting the run")
+        return None
+    if st.get("fingerprint") != fp:
+        log(f"   checkpoint {path} was made by another configuration; restarting the run")
+        return None
+    return st
+
+
+def run_one(spec: RunSpec, echo: Callable[[str], None] | None = None, err: Callable[[str], None] | None = None,
+            user_errors: tuple[type[BaseException], ...] = ()) -> dict:
+    """Execute one run into the store and return :func:`summary_row`. ``echo`` prints progress lines
+    (``None``: silent), ``err`` failure lines. Exceptions in ``user_errors`` raised while building the
+    workspace are re-raised after the failure is recorded (the CLI stops the plan: every run would fail)."""
+    from fcl_bench import registry
+    from fcl_bench.federation import Federation
+    from fcl_bench.workspace import describe
+
+    echo = echo or (lambda line: None)
+    err = err or echo
+    for p in spec.plugins:
+        registry.load_plugin_file(p)
+    rec = RunRecord(spec.path)
+    if rec.is_complete() and not spec.force:
+        echo(f"skip {spec.label} seed {spec.seed}: completed in {rec.path} (use --force to re-run)")
+        return summary_row(spec, rec)
+    cls = registry.get_method(spec.method)
+    mcfg = C.apply_overrides(cls.Config(), spec.method_overrides, cls.name)
+    t0 = time.perf_counter()
+    had_checkpoint = (rec.path / CHECKPOINT).exists() and not spec.force
+    rec.start(keep=(CHECKPOINT, "log.txt") if had_checkpoint else ())
+
+    def log(line: str) -> None:
+        rec.log(line)
+        if not spec.quiet:
+            echo(line)
+
+    try:
+        try:
+            ws = workspace_for(spec.run, progress=not spec.quiet)
+        except user_errors as e:  # bad data or protocol: every run would fail the same way
+            rec.fail(f"{type(e).__name__}: {e}", time.perf_counter() - t0)
+            raise
+        log(f"== {spec.label} ({spec.method}) on {spec.run.dataset}, seed {spec.seed}, "
+            f"scenario {ws.scenario.short_hash}")
+        ws.scenario.save(rec.path / "scenario.json")
+
+        def write_config(method_config) -> None:
+            write_json(rec.path / "config.json", {
+                "suite": spec.suite, "method": spec.method, "label": spec.label, "run": spec.run.to_dict(),
+                "method_config": dataclasses.asdict(method_config), **describe(ws), "command": spec.command})
+
+        write_config(mcfg)  # also for runs that fail
+        fp = fingerprint(spec, mcfg, ws.scenario.hash)
+        resume = _load_resumable(rec, fp, log) if had_checkpoint else None
+        fed = Federation(cls, mcfg, ws, spec.run, log=log, progress=not spec.quiet, flops=spec.flops)
+        fed.fingerprint = fp
+        if resume is not None:
+            fed.restore(resume)
+            log(f"   resumed from the checkpoint after task {fed.next_task}/{fed.T}")
+        result = fed.run(checkpoint=rec.path / CHECKPOINT, keep_final=spec.keep_checkpoints)
+        write_config(result.method_config)  # as resolved, with the foundation model's description
+        rec.finish(result.metrics, result.rounds, result.seconds)
+        if not spec.keep_checkpoints:
+            (rec.path / CHECKPOINT).unlink(missing_ok=True)
+        log(f"   final_acc {result.metrics['final_acc']:.4f}  ({result.seconds:.1f} s)")
+    except KeyboardInterrupt:
+        rec.fail("interrupted", time.perf_counter() - t0)
+        raise
+    except user_errors:
+        raise
+    except Exception as e:  # one failed run never aborts the suite
+        reason = f"{type(e).__name__}: {e}"
+        rec.log(traceback.format_exc())
+        rec.fail(reason, time.perf_counter() - t0)
+        err(f"FAILED {spec.label} seed {spec.seed}: {reason} (log: {rec.path / 'log.txt'})")
+    return summary_row(spec, rec)
+
+
+def run_in_process(specs: Sequence[RunSpec], echo: Callable[[str], None], err: Callable[[str], None],
+                   user_errors: tuple[type[BaseException], ...] = ()) -> list[dict]:
+    """The default executor: every spec in order, in this process."""
+    return [run_one(s, echo, err, user_errors) for s in specs]
