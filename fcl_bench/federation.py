@@ -150,7 +150,8 @@ class Federation:
         env._task_of, env._own_train, env._make_view = task_of, own, ws.view
         return env
 
-    def _open_task(self, c: int, t: int) -> Task:
+    def open_task(self, c: int, t: int) -> Task:
+        """Make task ``t`` visible to client ``c`` (its data, its features) and return it."""
         env = self.client_envs[c]
         env._tasks_started = max(env._tasks_started, t + 1)
         if env.features is not None:
@@ -192,7 +193,7 @@ class Federation:
             if c in sent:
                 self.tally.rows.append(dict(task=t, round=0, client=c, phase="start", bytes_up=0,
                                             bytes_down=sent[c], train_seconds=0.0, flops=0, flops_measured=True))
-            self.clients[c].start_task(self._open_task(c, t))
+            self.clients[c].start_task(self.open_task(c, t))
 
     def run_round(self, t: int, r: int, bar=None) -> None:
         info = RoundInfo(task=t, round=r, rounds_per_task=self.R,
@@ -295,7 +296,7 @@ class Federation:
         t = int(st["next_task"])
         for c in range(self.K):
             for i in range(t):
-                self._open_task(c, i)
+                self.open_task(c, i)
             self.clients[c].load_state_dict(st["clients"][c])
         self.server.load_state_dict(st["server"])
         gens = {c: e.generator for c, e in self.client_envs.items()} | {-1: self.server_env.generator}

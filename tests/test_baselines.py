@@ -10,15 +10,15 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from fcl_bench.api import Task
-from fcl_bench.config import ConfigError, apply_overrides, preset
-from fcl_bench.data import ClientData
-from fcl_bench.federation import Workspace, build_env, run_method
+from helpers import round_info, smoke_config, started, workspace
+from helpers import run as run_method
+
+from fcl_bench.config import ConfigError, apply_overrides
 from fcl_bench.methods.dualprompt import DualPrompt, DualPromptConfig
-from fcl_bench.methods.fedavg import N_KEY
 from fcl_bench.methods.fedvit import FedViT, FedViTConfig
 from fcl_bench.methods.l2p import L2P, L2PConfig
-from fcl_bench.nn.cache import FeatureCache
+from fcl_bench.nn.averaging import N_KEY
+from fcl_bench.nn.cache import FeatureCache, FeatureView
 from fcl_bench.nn.foundation import FoundationModel
 from fcl_bench.nn.prompt_methods import fit_layers
 from fcl_bench.nn.prompts import pull_loss
@@ -29,13 +29,9 @@ METHODS = {"fedvit": (FedViT, FedViTConfig), "l2p": (L2P, L2PConfig),
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def _smoke_cfg(**kw):
-    return dataclasses.replace(preset("smoke"), foundation_pretrained=False, **kw)
-
-
 @pytest.fixture(scope="module")
 def ws():
-    w = Workspace.create(_smoke_cfg(), progress=False)
+    w = workspace(smoke_config())
     w.ensure_foundation(progress=False)
     return w
 
@@ -46,23 +42,10 @@ def frozen_state(ws):
     return {k: v.clone() for k, v in ws.foundation.vit.state_dict().items()}
 
 
-def _env(ws, method_cls=FedViT):
-    return build_env(ws, method_cls, lambda s: None, progress=False)
-
-
-def _task(ws, client, t):
-    sc = ws.scenario
-    data = ClientData(ws.dataset.train, sc.train_indices[client][t], "train", ws.foundation.preprocess,
-                      ws.device)
-    return Task(index=t, classes=list(sc.client_tasks[client][t]), seen_classes=sc.seen_classes(client, t),
-                train=data)
-
-
-def _client(ws, name, cfg=None, client=0, task=0, env=None):
+def _client(ws, name, cfg=None, client=0):
+    """Client ``client`` of method ``name`` after the first task started (the server's w_0 received)."""
     method_cls, cfg_cls = METHODS[name]
-    method = method_cls(cfg if cfg is not None else cfg_cls(), env or _env(ws, method_cls))
-    c = method.client(client)
-    c.start_task(_task(ws, client, task))
+    c, _ = started(method_cls, cfg if cfg is not None else cfg_cls(), ws, client=client)
     return c
 
 
@@ -174,7 +157,7 @@ def _expected_sizes(name: str, d: int, C: int) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize("name", ["fedvit", "l2p", "dualprompt"])
 def test_smoke_run_sends_only_trainable_tensors_and_leaves_the_vit_unchanged(ws, frozen_state, name):
     method_cls, cfg_cls = METHODS[name]
-    res = run_method(method_cls, cfg_cls(), ws, log=lambda s: None, progress=False, flops="off")
+    res = run_method(method_cls, cfg_cls(), ws)
     cfg = ws.cfg
     assert len(res.metrics["acc"]) == cfg.tasks and 0.0 <= res.metrics["final_acc"] <= 1.0
     # only prompts, keys and head left the clients; nothing named like a backbone weight
@@ -200,9 +183,11 @@ def test_smoke_run_sends_only_trainable_tensors_and_leaves_the_vit_unchanged(ws,
 # -- FedAvg+ViT and the feature cache ------------------------------------------------------------------
 
 def test_fedvit_reads_the_frozen_model_only_on_the_first_pass(ws, monkeypatch):
-    env = _env(ws)
-    env.features = FeatureCache(ws.foundation, {"train": ws.dataset.train, "test": ws.dataset.test},
-                                ws.dataset.fingerprint)  # fresh: the first round must fill it
+    c = _client(ws, "fedvit")
+    cache = FeatureCache(ws.foundation, {"train": ws.dataset.train, "test": ws.dataset.test},
+                         ws.dataset.fingerprint)  # fresh: the first round must fill it
+    c.env.features = FeatureView(cache, "client 0", {"train": np.ones(len(ws.dataset.train), dtype=bool)})
+    env = c.env
     calls = {"n": 0}
     real_cls = ws.foundation.cls
 
@@ -211,12 +196,11 @@ def test_fedvit_reads_the_frozen_model_only_on_the_first_pass(ws, monkeypatch):
         return real_cls(x)
 
     monkeypatch.setattr(ws.foundation, "cls", counting_cls)
-    c = _client(ws, "fedvit", env=env)
     n = len(c.task.train)
-    c.train_round()
+    c.train_round(round_info())
     first = calls["n"]
     assert env.features.misses == n and first >= n  # (the cache probes one sample to size its table)
-    c.train_round()
+    c.train_round(round_info())
     assert (env.features.misses, calls["n"]) == (n, first)  # second round: all hits, the ViT untouched
     assert env.features.hits == n
     # without the cache: the same predictions, and every step calls the model again
@@ -225,7 +209,7 @@ def test_fedvit_reads_the_frozen_model_only_on_the_first_pass(ws, monkeypatch):
     c.cfg = FedViTConfig(cache=False)
     torch.testing.assert_close(c.predict(batch), cached, **TOL)
     calls["n"] = 0
-    c.train_round()
+    c.train_round(round_info())
     assert calls["n"] == n
 
 
@@ -261,7 +245,7 @@ def test_l2p_pull_term_draws_the_chosen_keys_to_the_queries(ws):
             return float(pull_loss(sim, idx))
 
     before, keys = pull(), c.model.pool.keys.detach().clone()
-    c.train_round()
+    c.train_round(round_info())
     assert pull() > before
     assert not torch.equal(c.model.pool.keys, keys)
 
@@ -269,14 +253,14 @@ def test_l2p_pull_term_draws_the_chosen_keys_to_the_queries(ws):
 # -- DualPrompt -----------------------------------------------------------------------------------
 
 def test_dualprompt_trains_the_task_prompt_and_seeds_the_next_from_it(ws):
-    c = _client(ws, "dualprompt", task=0)
+    c, fed = started(DualPrompt, DualPromptConfig(), ws)
     e = c.model.e
     p0, k0 = e.prefixes.detach().clone(), e.keys.detach().clone()
-    c.train_round()
+    c.train_round(round_info())
     changed = (e.prefixes.detach() != p0).flatten(1).any(1)
     assert changed.tolist() == [True] + [False] * 9  # the prompt mask: task 0 trains E-prompt 0 only
     assert (e.keys.detach() != k0).any(1).tolist() == [True] + [False] * 9
-    c.start_task(_task(ws, 0, 1))
+    c.start_task(fed.open_task(0, 1))
     assert torch.equal(e.prefixes[1], e.prefixes[0])
     assert torch.equal(e.keys[1], k0[1])  # the key is not copied (official shared_prompt_key=False)
     idx, _ = c.select(c.task.train.batch(np.arange(4)), train=True)
@@ -291,13 +275,11 @@ def test_dualprompt_layers_are_clamped_on_a_shallow_vit(ws):
         fit_layers((-1,), 6)
     torch.manual_seed(0)
     fm = FoundationModel(build_tiny_vit(depth=2), "tiny-depth2", ws.foundation.preprocess, ws.device, {})
-    env = dataclasses.replace(_env(ws), foundation=fm, features=FeatureCache(
+    shallow = dataclasses.replace(ws, foundation=fm, features=FeatureCache(
         fm, {"train": ws.dataset.train, "test": ws.dataset.test}, ws.dataset.fingerprint))
-    method = DualPrompt(DualPromptConfig(), env)
-    assert (method.g_layers, method.e_layers) == ((0, 1), (1,))
-    c = method.client(0)
-    c.start_task(_task(ws, 0, 0))
-    c.train_round()
+    c, fed = started(DualPrompt, DualPromptConfig(), shallow)
+    assert (fed.method.g_layers, fed.method.e_layers) == ((0, 1), (1,))
+    c.train_round(round_info())
     assert c.predict(c.task.train.batch(np.arange(3))).shape == (3, ws.scenario.num_classes)
 
 
@@ -310,4 +292,4 @@ def test_dualprompt_rejects_bad_overrides(over):
 
 def test_dualprompt_checks_a_config_built_in_code(ws):
     with pytest.raises(ValueError, match="dualprompt.g_layers"):
-        DualPrompt(DualPromptConfig(g_layers=()), _env(ws, DualPrompt))
+        started(DualPrompt, DualPromptConfig(g_layers=()), ws)

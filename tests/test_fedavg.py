@@ -1,41 +1,29 @@
-"""FedAvg and FedProx: a smoke run, exact bytes on the wire, what leaves a client, FedProx(mu=0) == FedAvg,
-and the n_k-weighted average against a hand computation."""
+"""FedAvg and FedProx: a smoke run, exact bytes on the wire, what leaves a client, the server's initial
+broadcast, FedProx(mu=0) == FedAvg, BatchNorm statistics local or averaged, and the n_k-weighted average
+against a hand computation."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from helpers import federation, round_info, smoke_config, workspace
 from safetensors.torch import save as st_save
 
-from fcl_bench.config import apply_overrides, preset
-from fcl_bench.federation import Workspace, build_env, run_method
-from fcl_bench.methods.fedavg import N_KEY, AveragingServer, Classifier, FedAvg, FedAvgConfig
+from fcl_bench.methods.fedavg import Classifier, FedAvg, FedAvgConfig
 from fcl_bench.methods.fedprox import FedProx, FedProxConfig
-from fcl_bench.nn.averaging import weighted_average
+from fcl_bench.nn.averaging import N_KEY, AveragingServer, bn_stats, weighted_average
 from fcl_bench.nn.small import build_small_model
 
 ARCH, WIDTH = "test_resnet", 64
+# batch 8: several local steps per round (with one step, w equals FedProx's anchor and the term is 0)
+RUN = smoke_config(small_models=ARCH, small_width=str(WIDTH), batch_size="8")
 
 
 @pytest.fixture(scope="module")
-def ws() -> Workspace:
-    # batch 8: several local steps per round (with one step, w equals FedProx's anchor and the term is 0)
-    cfg = apply_overrides(preset("smoke"), {"foundation_pretrained": "false", "small_models": ARCH,
-                                            "small_width": str(WIDTH), "device": "cpu", "batch_size": "8"}, "run")
-    return Workspace.create(cfg, progress=False)
-
-
-def _spy(cls):
-    """``cls`` that remembers its clients, to read their final weights after the run."""
-
-    class Spy(cls):
-        made: dict = {}
-
-        def client(self, client_id):
-            Spy.made[client_id] = super().client(client_id)
-            return Spy.made[client_id]
-
-    return Spy
+def ws():
+    return workspace(RUN)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +32,8 @@ def runs(ws) -> dict:
     out = {}
     for name, cls, cfg in [("fedavg", FedAvg, FedAvgConfig()), ("prox0", FedProx, FedProxConfig(mu=0.0)),
                            ("prox1", FedProx, FedProxConfig(mu=1.0))]:
-        spy = _spy(cls)
-        result = run_method(spy, cfg, ws, log=lambda line: None, progress=False, flops="off")
-        out[name] = (result, dict(spy.made))
+        fed = federation(cls, cfg, ws, RUN, flops="off")
+        out[name] = (fed.run(), dict(fed.clients))
     return out
 
 
@@ -62,7 +49,7 @@ def test_smoke_run_completes_with_sane_metrics(runs, ws):
     assert len(m["acc"]) == T and 0.0 <= m["final_acc"] <= 1.0
     assert len(m["accuracy_matrix"]) == K and all(len(row) == T for row in m["accuracy_matrix"][0])
     rounds = result.rounds[result.rounds.phase == "round"]
-    assert len(rounds) == T * ws.cfg.rounds_per_task * K
+    assert len(rounds) == T * RUN.rounds_per_task * K
     assert (rounds.train_samples > 0).all() and (rounds.trainable_params > 0).all()
 
 
@@ -113,13 +100,37 @@ def test_after_the_last_round_every_client_holds_the_same_global_weights(runs):
         assert all(torch.equal(p, ref[n]) for n, p in c.model.named_parameters())
 
 
-def test_clients_start_from_the_same_initial_model_without_touching_the_global_rng(ws):
-    env = build_env(ws, FedAvg, lambda line: None, progress=False)
+def test_clients_start_from_the_server_broadcast_of_w0_counted_on_the_wire(ws):
+    fed = federation(FedAvg, FedAvgConfig(), ws, RUN)
+    built = [{k: v.clone() for k, v in c.model.state_dict().items()} for c in fed.clients.values()]
+    assert not all(torch.equal(built[0][k], built[1][k]) for k in built[0])  # built independently ...
     state = torch.random.get_rng_state()
-    method = FedAvg(FedAvgConfig(), env)
-    a, b = method.client(0).model.state_dict(), method.client(1).model.state_dict()
-    assert torch.equal(torch.random.get_rng_state(), state)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    fed.start_task(0)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the server draws w_0 on a forked RNG
+    a, b = fed.clients[0].model.state_dict(), fed.clients[1].model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if "running_" not in k)  # ... and start from one w_0
+    w0 = fed.server.global_state
+    assert all(torch.equal(a[k], w0[k]) for k in w0)
+    start = [r for r in fed.tally.rows if r["phase"] == "start"]
+    assert [r["client"] for r in start] == list(fed.clients)
+    assert all(r["bytes_down"] == len(st_save(dict(w0))) for r in start)
+    assert [r for r in fed.tally.rows if r["phase"] == "server_start"][0]["bytes_down"] == 2 * len(st_save(dict(w0)))
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_batchnorm_statistics_stay_local_unless_averaged(ws, average):
+    fed = federation(FedAvg, FedAvgConfig(average_bn_stats=average), ws, RUN)
+    fed.start_task(0)
+    info = round_info(participants=(0, 1))
+    up = fed.clients[0].train_round(info)
+    stats = bn_stats(fed.clients[0].model)
+    assert stats and (set(stats) <= set(up)) == average  # running statistics travel only when averaged
+    fed.clients[1].train_round(info)
+    fed.clients[0].start_task(fed.open_task(0, 0))
+    fed.run_round(0, 0)
+    s0, s1 = bn_stats(fed.clients[0].model), bn_stats(fed.clients[1].model)
+    same = all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert same == average
 
 
 def test_weighted_average_matches_a_hand_computation():
@@ -149,7 +160,9 @@ def test_weighted_average_rejects_mismatched_inputs(states, weights, problem):
 def test_averaging_server_weights_by_the_uploaded_sample_counts():
     uploads = {0: {"w": torch.tensor([0.0, 3.0]), N_KEY: torch.tensor([1])},
                2: {"w": torch.tensor([4.0, 7.0]), N_KEY: torch.tensor([3])}}
-    downloads = AveragingServer().aggregate(uploads)
-    assert set(downloads) == {0, 2}
+    env = SimpleNamespace(scenario=SimpleNamespace(num_clients=3), device=torch.device("cpu"))
+    server = AveragingServer(env)
+    downloads = server.aggregate(uploads, round_info(participants=(0, 2)))
+    assert set(downloads) == {0, 1, 2}  # client 1 sat the round out; it gets the new global model too
     for d in downloads.values():
         assert set(d) == {"w"} and torch.equal(d["w"], torch.tensor([3.0, 6.0]))

@@ -1,0 +1,42 @@
+"""Helpers for building a method's clients and server in a small workspace, as the schedule does."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fcl_bench.api import RoundInfo
+from fcl_bench.config import RunConfig, apply_overrides, preset
+from fcl_bench.federation import Federation, RunResult
+from fcl_bench.workspace import Workspace
+
+QUIET = dict(log=lambda line: None, progress=False)
+
+
+def smoke_config(**overrides: str) -> RunConfig:
+    """The smoke preset with a random-init tiny ViT on the CPU, plus ``-o``-style string overrides."""
+    return apply_overrides(preset("smoke"), {"foundation_pretrained": "false", "device": "cpu", **overrides}, "run")
+
+
+def workspace(run: RunConfig) -> Workspace:
+    return Workspace.create(run.workspace())
+
+
+def federation(method_cls, cfg, ws: Workspace, run: RunConfig | None = None, **kw) -> Federation:
+    """A :class:`Federation` built but not started (``run`` defaults to the smoke config of ``ws``)."""
+    run = run or dataclasses.replace(smoke_config(), **{f: getattr(ws.cfg, f) for f in ws.cfg.__dataclass_fields__})
+    return Federation(method_cls, cfg, ws, run, **{**QUIET, **kw})
+
+
+def started(method_cls, cfg, ws: Workspace, run: RunConfig | None = None, client: int = 0, **kw):
+    """(client ``client`` after the first task started, its federation)."""
+    fed = federation(method_cls, cfg, ws, run, **kw)
+    fed.start_task(0)
+    return fed.clients[client], fed
+
+
+def round_info(task: int = 0, rnd: int = 0, rounds: int = 1, participants: tuple[int, ...] = (0,)) -> RoundInfo:
+    return RoundInfo(task=task, round=rnd, rounds_per_task=rounds, participants=participants)
+
+
+def run(method_cls, cfg, ws: Workspace, run: RunConfig | None = None, flops: str = "off", **kw) -> RunResult:
+    return federation(method_cls, cfg, ws, run, flops=flops, **kw).run()
