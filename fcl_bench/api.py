@@ -153,6 +153,9 @@ class Method:
     description: ClassVar[str] = ""
     # Methods that never read the frozen foundation model set this False so the harness skips loading it.
     uses_foundation: ClassVar[bool] = True
+    # False when a client's heads cover only its own classes: the `global` evaluation space (all classes any
+    # client has seen) then equals the client space and reports mark it not applicable.
+    global_space: ClassVar[bool] = True
 
     def __init__(self, config: Any, env: Env):
         self.config = config

@@ -230,6 +230,7 @@ def run_method(method_cls: type[Method], method_cfg: Any, ws: Workspace, log: Ca
         **{k: spaces["client"][k] for k in ("acc", "task_mean_acc", "avg_incremental_acc", "final_acc",
                                             "forgetting", "bwt", "accuracy_matrix")},
         "space": "client",
+        "global_space_applicable": bool(method_cls.global_space),
         "spaces": spaces,
         "bytes_up": int(rounds.bytes_up.sum()),
         "bytes_down": int(rounds.bytes_down.sum()),

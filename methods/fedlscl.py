@@ -283,6 +283,7 @@ class FedLSCL(Method):
     description = ("Fed-LSCL: client CNNs generate per-sample LoRA for a frozen ViT block; buffer-based continual "
                    "fine-tuning; One-by-One Distillation of the generators")
     Config = FedLSCLConfig
+    global_space = False  # heads cover only the client's own classes: global space = client space
 
     def __init__(self, config: FedLSCLConfig, env: Env):
         super().__init__(config, env)
