@@ -93,7 +93,7 @@ class FedAvgClient(Client):
 
     def train_round(self) -> Payload:
         self.model.train()
-        train_epochs(self.env, self.id, self.task.train, self.loss, self.opt, self.before_step)
+        train_epochs(self.env, self.id, self.task.train, self.loss, self.opt, self.before_step, model=self.model)
         return upload_with_count(trainable_state(self.model), len(self.task.train))
 
     def receive(self, download: Payload) -> None:
