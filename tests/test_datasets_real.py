@@ -396,3 +396,45 @@ def test_register_refuses_a_silent_overwrite(monkeypatch):
     with pytest.raises(DatasetError, match="already registered"):
         register_dataset(entry)
     register_dataset(entry, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny foundation model on a real dataset
+
+
+def test_tiny_foundation_on_a_real_dataset_is_pretrained_on_synthetic_and_resizes(tmp_path, monkeypatch):
+    from fcl_bench.nn import pretrain
+    from fcl_bench.nn.foundation import load_foundation
+    from fcl_bench.nn.tiny_vit import build_tiny_vit
+
+    write_idx(tmp_path, n_train=20, n_test=10, gz=True)
+    ds = load_dataset("fashionmnist", root=tmp_path)
+    seen = {}
+
+    def fake_pretrain(dataset, **kw):  # the real one trains for minutes; record what it would train on
+        seen["dataset"] = dataset
+        return build_tiny_vit(), {"dataset": dataset.name}
+
+    monkeypatch.setattr(pretrain, "pretrain_tiny_vit", fake_pretrain)
+    fm = load_foundation("tiny", ds, torch.device("cpu"), pretrained=True)
+    assert seen["dataset"].name == "synthetic" and seen["dataset"].pretrain is not None
+    assert fm.info["source"] == "pretrained-offline" and fm.info["pretrain_dataset"] == "synthetic"
+    x = ds.train.load(np.arange(3), fm.preprocess, "cpu")
+    assert fm.preprocess.input_size == 32 and x.shape == (3, 3, 32, 32)  # 28 px images resized to 32
+    assert fm.cls(x).shape == (3, fm.embed_dim)
+
+
+def test_a_method_runs_on_a_real_dataset_with_the_tiny_foundation_model(tmp_path):
+    import dataclasses
+
+    from fcl_bench.config import preset
+    from fcl_bench.federation import Workspace, run_method
+    from fcl_bench.methods.fedlscl import FedLSCL, FedLSCLConfig
+
+    write_idx(tmp_path, n_train=200, n_test=100, gz=True)
+    cfg = dataclasses.replace(preset("smoke"), dataset="fashionmnist", data_root=str(tmp_path),
+                              foundation_pretrained=False, small_models=["test_resnet"], device="cpu")
+    ws = Workspace.create(cfg, progress=False)
+    result = run_method(FedLSCL, FedLSCLConfig(), ws, log=lambda line: None, progress=False, flops="off")
+    assert ws.foundation.name == "tiny" and ws.foundation.preprocess.input_size == 32
+    assert len(result.metrics["acc"]) == cfg.tasks and 0.0 <= result.metrics["final_acc"] <= 1.0

@@ -129,3 +129,12 @@ def test_dataset_without_pretraining_classes_is_a_clear_error(tiny_data, tmp_pat
                     fingerprint="x")
     with pytest.raises(ValueError, match="no pretraining classes"):
         pretrain_tiny_vit(plain, cache_dir=tmp_path, config=TINY_CFG, progress=False)
+
+
+def test_pretraining_source_is_synthetic_for_a_dataset_without_pretraining_classes(tiny_data):
+    import dataclasses
+
+    assert pretrain.pretraining_source(tiny_data) is tiny_data
+    real_like = dataclasses.replace(tiny_data, name="fashionmnist", pretrain=None)
+    source = pretrain.pretraining_source(real_like)
+    assert source.name == "synthetic" and source.pretrain is not None and source is not real_like

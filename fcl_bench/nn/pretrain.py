@@ -313,15 +313,27 @@ def pretrain_tiny_vit(dataset: Dataset, cache_dir: str | Path | None = None, see
     return vit, report
 
 
+def pretraining_source(dataset: Dataset | None = None, cache_dir: str | Path | None = None) -> Dataset:
+    """The dataset the tiny ViT is pretrained (and probed) on: ``dataset`` itself when it ships pretraining
+    classes (the synthetic dataset), else the default synthetic dataset, so that the offline foundation model
+    also serves real datasets (MNIST, CIFAR, ...): it never sees their classes, only their resized images."""
+    if dataset is not None and dataset.pretrain is not None:
+        return dataset
+    if cache_dir:
+        return load_synthetic(root=Path(cache_dir) / "synthetic")
+    from fcl_bench.datasets import load_dataset
+    return load_dataset("synthetic")
+
+
 def ensure_pretrained(dataset: Dataset | None = None, cache_dir: str | Path | None = None, seed: int = 0,
                       device: torch.device | str = "cpu", progress: bool = True) -> tuple[VisionTransformer, dict]:
     """The default offline foundation model: cached if present, else pretrained now (a few CPU minutes).
 
-    ``dataset`` defaults to the default synthetic dataset. Returns the ViT frozen (eval, no grad) on
-    ``device`` and its pretraining report.
+    Pretrained on :func:`pretraining_source` of ``dataset`` (the default synthetic dataset when ``dataset``
+    is None or has no pretraining classes). Returns the ViT frozen (eval, no grad) on ``device`` and its
+    pretraining report.
     """
-    if dataset is None:
-        dataset = load_synthetic(root=Path(cache_dir) / "synthetic" if cache_dir else None)
+    dataset = pretraining_source(dataset, cache_dir)
     vit, report = pretrain_tiny_vit(dataset, cache_dir=cache_dir, seed=seed, progress=progress, device=device)
     return vit.requires_grad_(False).eval().to(device), report
 
