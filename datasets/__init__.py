@@ -110,7 +110,7 @@ def _archive(url: str, folder: str) -> str:
 def _idx(url: str, folder: str) -> str:
     return (f"download the four *-ubyte.gz files from {url} and gunzip them into <data-root>/{folder}/raw/ "
             "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-            "t10k-labels-idx1-ubyte)")
+            "t10k-labels-idx1-ubyte), or leave the four *-ubyte.gz files directly in the data root")
 
 
 # name: (description, how to get the files by hand)

@@ -4,13 +4,19 @@ Each dataset is read by its own ``torchvision.datasets`` class from the files of
 the on-disk layout, the integrity checks and ``download=True`` are torchvision's. The images become one
 ``uint8 (N, 3, H, W)`` tensor per split (grey images are replicated to three channels) behind a
 :class:`~fcl_bench.data.TensorSource`. The official train/test split is used; the seed plays no part.
+
+The MNIST family (mnist, fashionmnist, kmnist) also accepts the layout most distributions ship: the four
+``*-ubyte.gz`` files (or their gunzipped versions) directly in the data root, read here without
+torchvision. torchvision's ``<root>/<Name>/raw/`` tree wins when both are present.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +42,12 @@ class TorchvisionSpec:
     classes: tuple[str, ...] = ()   # class names, for classes without a ``.classes`` attribute
 
 
-def _idx_files(folder: str) -> tuple[str, ...]:
-    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
-    return tuple(f"{folder}/raw/{n}" for n in names)
+
+
+def _idx_files(folder: str) -> tuple[str, ...]:
+    return tuple(f"{folder}/raw/{n}" for n in IDX_NAMES)
 
 
 TORCHVISION_SPECS: dict[str, TorchvisionSpec] = {
@@ -76,13 +84,17 @@ def load_torchvision(name: str, root: Path | str | None, download: bool = False,
     if root is None:
         raise DatasetError(f"dataset {name!r} needs a data root (--data-root DIR). {_how_to_get(name)}")
     root = Path(root).expanduser()
-    if not download:
-        _check_files(name, spec, root)
-    splits = {}
-    for split in ("train", "test"):
-        # Both splits pass download: SVHN fetches one file per split; the others skip a complete download.
-        ds = _open(name, spec, root, split == "train", download)
-        splits[split] = _to_arrays(name, spec, root, ds)
+    flat = _flat_idx_paths(spec, root) if not download and not _has_files(spec, root) else None
+    if flat is not None:
+        splits = _read_flat_idx(name, spec, root, flat)
+    else:
+        if not download:
+            _check_files(name, spec, root)
+        splits = {}
+        for split in ("train", "test"):
+            # Both splits pass download: SVHN fetches one file per split; the others skip a complete download.
+            ds = _open(name, spec, root, split == "train", download)
+            splits[split] = _to_arrays(name, spec, root, ds)
     classes = list(spec.classes) or [str(c) for c in splits["train"][2]]
     for split, (_, labels, _) in splits.items():
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
@@ -91,7 +103,8 @@ def load_torchvision(name: str, root: Path | str | None, download: bool = False,
     (train_x, train_y, _), (test_x, test_y, _) = splits["train"], splits["test"]
     h, w = train_x.shape[-2:]
     fingerprint = tensor_fingerprint(name, classes, {"train": (train_x, train_y), "test": (test_x, test_y)})
-    info = {"source": f"torchvision.datasets.{spec.cls}", "root": str(root), "split": "official train/test"}
+    info = {"source": f"torchvision.datasets.{spec.cls}" if flat is None else "idx files in the data root",
+            "root": str(root), "split": "official train/test"}
     return Dataset(name=name, train=TensorSource(train_x, train_y), test=TensorSource(test_x, test_y),
                    classes=classes, fingerprint=fingerprint, native_size=int(h) if h == w else None,
                    info=info)
@@ -117,6 +130,60 @@ def tensor_fingerprint(name: str, classes: list[str],
 def _how_to_get(name: str) -> str:
     entry = DATASETS.get(name)
     return entry.how_to_get if entry is not None else ""
+
+
+def _has_files(spec: TorchvisionSpec, root: Path) -> bool:
+    return all((root / f).is_file() for f in spec.files)
+
+
+def _flat_idx_paths(spec: TorchvisionSpec, root: Path) -> list[Path] | None:
+    """The four idx files directly in ``root`` (``.gz`` preferred), for the MNIST family; None if any is
+    missing or the dataset is not an idx one."""
+    if spec.files != _idx_files(spec.cls):
+        return None
+    paths = []
+    for n in IDX_NAMES:
+        found = [p for p in (root / f"{n}.gz", root / n) if p.is_file()]
+        if not found:
+            return None
+        paths.append(found[0])
+    return paths
+
+
+def _read_idx(name: str, path: Path, ndim: int) -> np.ndarray:
+    """An idx file of unsigned bytes (magic 0x0000 08 ndim, big-endian dimensions), gzipped or not."""
+    try:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        magic = struct.unpack(">i", data[:4])[0]
+        if magic != 0x0800 + ndim:
+            raise ValueError(f"magic number {magic:#x}, expected {0x0800 + ndim:#x}")
+        dims = struct.unpack(f">{ndim}i", data[4:4 + 4 * ndim])
+        body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        if body.size != int(np.prod(dims)):
+            raise ValueError(f"{body.size} bytes of data for dimensions {dims}")
+    except (OSError, EOFError, ValueError, struct.error, gzip.BadGzipFile) as e:
+        raise DatasetError(f"dataset {name!r}: {path} is not a readable idx file ({type(e).__name__}: {e}); "
+                           f"replace it with the official release. {_how_to_get(name)}") from e
+    return body.reshape(dims)
+
+
+def _read_flat_idx(name: str, spec: TorchvisionSpec, root: Path,
+                   paths: list[Path]) -> dict[str, tuple[torch.Tensor, np.ndarray, list[str]]]:
+    """Both splits from the four flat idx files, shaped as :func:`_to_arrays` returns them."""
+    import torchvision.datasets as tvd
+
+    classes = list(getattr(tvd, spec.cls).classes)
+    out = {}
+    for split, (images_path, labels_path) in (("train", paths[:2]), ("test", paths[2:])):
+        images, labels = _read_idx(name, images_path, 3), _read_idx(name, labels_path, 1).astype(np.int64)
+        if len(images) != len(labels):
+            raise DatasetError(f"dataset {name!r} under {root}: {len(images)} {split} images for {len(labels)} "
+                               "labels; the files are not the official release")
+        x = torch.from_numpy(images.copy()).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+        out[split] = x, labels, classes
+    return out
 
 
 def _check_files(name: str, spec: TorchvisionSpec, root: Path) -> None:

@@ -174,6 +174,7 @@ class ClientEnv(MethodEnv):
     _tasks_started: int = 0
     _own_train: Callable[[], np.ndarray] | None = field(default=None, repr=False)
     _make_view: Callable[[np.ndarray], ClientData] | None = field(default=None, repr=False)
+    notes: dict[str, Any] = field(default_factory=dict, repr=False)  # one-off log lines already given
 
     def __post_init__(self) -> None:
         if self.generator is None:

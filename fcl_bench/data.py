@@ -180,11 +180,21 @@ class ClientData:
 
     def batches(self, batch_size: int, shuffle: bool = False,
                 generator: torch.Generator | None = None) -> Iterator[Batch]:
-        """Iterate over the view in batches; shuffling uses ``generator`` (seeded per client)."""
+        """Iterate over the view in batches; shuffling uses ``generator`` (seeded per client).
+
+        A trailing batch of one sample is folded into the previous one (which then holds ``batch_size + 1``):
+        BatchNorm in train mode cannot normalise a batch of one, and since a prediction never depends on
+        the rest of its batch, evaluation is unchanged. So with ``batch_size > 1`` only a view of one sample
+        in all yields a batch of one (training helpers then run BatchNorm in eval mode, see
+        :func:`fcl_bench.nn.training.single_sample_guard`).
+        """
         n = len(self)
         order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
-        for start in range(0, n, batch_size):
-            yield self.batch(order[start:start + batch_size])
+        starts = list(range(0, n, batch_size))
+        if batch_size > 1 and len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()
+        for start, end in zip(starts, [*starts[1:], n]):
+            yield self.batch(order[start:end])
 
     def subset(self, positions: np.ndarray) -> ClientData:
         """A view on some of this view's samples (e.g. a replay buffer)."""

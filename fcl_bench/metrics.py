@@ -12,6 +12,8 @@ the default for tables; ``global``: restricted to all classes any client has see
 * ``acc[t]``: mean over clients of the accuracy on ALL test samples of tasks 0..t (sample-weighted; the
   paper's Table 1 number).
 * ``task_mean_acc[t]``: mean over clients of the mean over tasks 0..t of ``a[c, t, i]``.
+* ``current_task_acc[t]``: mean over clients of ``a[c, t, t]``, the accuracy after task t on the test set
+  of task t alone (the other reading of the paper's Table 1; no earlier task counts, so no forgetting).
 * ``avg_incremental_acc``: mean of ``acc`` over t. ``final_acc``: ``acc[T-1]``.
 * ``forgetting`` (Chaudhry et al. 2018): mean over clients of mean over i < T-1 of
   ``max_{l in i..T-2} a[c, l, i] - a[c, T-1, i]``.
@@ -48,6 +50,11 @@ def acc_per_task(correct: np.ndarray, total: np.ndarray) -> np.ndarray:
     return out
 
 
+def current_task_acc_per_client(a: np.ndarray) -> np.ndarray:
+    """Per client ``(C, T)``: accuracy after task t on task t's test set only, the diagonal of ``a``."""
+    return np.diagonal(a, axis1=1, axis2=2).copy()
+
+
 def forgetting_per_client(a: np.ndarray) -> np.ndarray:
     """Chaudhry forgetting per client from the accuracy matrix ``(C, T, T)``."""
     T = a.shape[1]
@@ -72,11 +79,13 @@ def summarise(correct: np.ndarray, total: np.ndarray) -> dict:
     T = a.shape[1]
     task_mean_c = np.stack([np.nanmean(a[:, t, : t + 1], axis=1) for t in range(T)], axis=1)
     acc = acc_c.mean(0)
+    current_c = current_task_acc_per_client(a)
     forg_c = forgetting_per_client(a)
     bwt_c = bwt_per_client(a)
     return {
         "acc": acc.tolist(),
         "task_mean_acc": task_mean_c.mean(0).tolist(),
+        "current_task_acc": current_c.mean(0).tolist(),
         "avg_incremental_acc": float(acc.mean()),
         "final_acc": float(acc[-1]),
         "forgetting": float(forg_c.mean()),
@@ -84,6 +93,7 @@ def summarise(correct: np.ndarray, total: np.ndarray) -> dict:
         "per_client": {
             "acc": acc_c.tolist(),
             "task_mean_acc": task_mean_c.tolist(),
+            "current_task_acc": current_c.tolist(),
             "avg_incremental_acc": acc_c.mean(1).tolist(),
             "final_acc": acc_c[:, -1].tolist(),
             "forgetting": forg_c.tolist(),

@@ -89,7 +89,7 @@ class FedAvgClient(ModelClient):
 
     def train_round(self, info: RoundInfo) -> Payload:
         self.model.train()
-        train_epochs(self.env, self.task.train, self.loss, self.opt, self.before_step)
+        train_epochs(self.env, self.task.train, self.loss, self.opt, self.before_step, model=self.model)
         state = trainable_state(self.model, with_bn_stats=self.cfg.average_bn_stats)
         return upload_with_count(state, len(self.task.train))
 

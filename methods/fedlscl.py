@@ -25,7 +25,9 @@ Choices the paper leaves open (Config defaults): lambda_E = lambda_W = 1; O2D la
 with alpha = rank (scale 1); block 3 (the paper's most stable, Fig. 3); qkv target; Adam state reset at
 each task (the head grows); ``env.epochs`` local epochs of each stage per round; the buffer selection is
 an extra no-grad pass over the current task's data after each round; Stage 2 runs the small model's
-BatchNorm layers in eval mode (running statistics frozen), so E and E' are computed alike. Ablations (Table 2): ``collab=False``
+BatchNorm layers in eval mode (running statistics frozen), so E and E' are computed alike (and a buffer
+of one sample is harmless); Stage 1 on a task of one sample does the same for its forward passes (logged).
+Ablations (Table 2): ``collab=False``
 (the small model classifies alone: CNN -> head, no ViT, FedAvg of the small models, so they must share an
 arch), ``continual_finetune=False`` (no Stage 2), ``aggregation`` = o2d | fedavg (one n_k-weighted average
 generator for everyone; no feature set uploaded) | none (no communication after training). The ablations
@@ -67,7 +69,7 @@ from fcl_bench.nn.exemplars import lowest_loss_per_class
 from fcl_bench.nn.heads import GrowingHead
 from fcl_bench.nn.lora import LoRAGenerator, adapted_forward, lora_scale
 from fcl_bench.nn.o2d import o2d_closed_form, o2d_gradient
-from fcl_bench.nn.training import optimizer_step
+from fcl_bench.nn.training import optimizer_step, single_sample_guard
 from fcl_bench.registry import register
 from fcl_bench.state import State
 
@@ -175,7 +177,7 @@ class FedLSCLClient(Client):
         self._train_mode(True)
         for _ in range(env.epochs):                                     # Stage 1
             for batch in self.task.train.batches(env.batch_size, shuffle=True, generator=g):
-                with env.autocast():
+                with env.autocast(), single_sample_guard(env, self.task.train, self.theta):
                     logits, _, _ = self.forward(batch)
                     loss = F.cross_entropy(logits.float(), batch.y)
                 self._step(loss)

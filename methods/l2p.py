@@ -8,16 +8,21 @@ Mechanisms (official google-research/l2p and its PyTorch port JH-LEE-KR/l2p-pyto
     positional embedding, the prompts get none);
   * head = linear over all classes on the mean of the output tokens at the prompt positions
     (``head_type='prompt'``), initialised like timm's ViT head;
+  * positional embedding of the prompts (``prompt_pos_embed``): ``none``, the JAX original (prompts are
+    inserted after the position embedding and get none), or ``cls``, the PyTorch port (its ``pos_embed`` is
+    enlarged by copying the CLS token's entry over the prompt positions, so every prompt token gets the CLS
+    token's position embedding);
   * loss = CE on logits with classes outside the current task set to ``-inf`` (``train_mask``) minus
     ``pull_lambda`` * mean over the batch of the summed cosine similarities of the chosen keys;
   * Adam (constant lr, re-created each task), gradient-norm clipping 1.0;
   * communicated, down and up: prompts, keys, head (n_k-weighted average of each).
 
 Named defaults (``defaults``): ``pytorch`` (the PyTorch port's CIFAR-100 config, default): M=10, Lp=5,
-N=5, lambda=0.1; ``jax`` (the original's ``cifar100_l2p.py``): M=10, Lp=10, N=4, lambda=1.0. Both use
-``lr = 0.03 * batch_size / 256``. The fields ``pool_size``, ``length``, ``top_n``, ``pull_lambda`` and ``lr``
-default to ``None``, meaning "take it from ``defaults``"; a value set explicitly always wins, whatever the
-order of the ``-o`` options: ``-o l2p.defaults=jax -o l2p.top_n=5`` is the JAX preset with N=5.
+N=5, lambda=0.1, prompt_pos_embed=cls; ``jax`` (the original's ``cifar100_l2p.py``): M=10, Lp=10, N=4,
+lambda=1.0, prompt_pos_embed=none. Both use ``lr = 0.03 * batch_size / 256``. The fields ``pool_size``,
+``length``, ``top_n``, ``pull_lambda`` and ``lr`` default to ``None`` and ``prompt_pos_embed`` to ``auto``
+(``none`` is one of its values), meaning "take it from ``defaults``"; a value set explicitly always wins,
+whatever the order of the ``-o`` options: ``-o l2p.defaults=jax -o l2p.top_n=5`` is the JAX preset with N=5.
 
 Per-sample selection by default: a sample's prompts depend on its own query only. ``batchwise=True`` is
 the official codes' default trick (the N indices chosen most often in the batch are used for every
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -47,9 +52,9 @@ from fcl_bench.nn.prompts import PromptPool, forward_with_prompts, mean_prompt_t
 from fcl_bench.registry import register
 
 #: The named defaults: the PyTorch port's CIFAR-100 config and the JAX original's.
-L2P_DEFAULTS: dict[str, dict[str, float]] = {
-    "pytorch": dict(pool_size=10, length=5, top_n=5, pull_lambda=0.1, base_lr=0.03),
-    "jax": dict(pool_size=10, length=10, top_n=4, pull_lambda=1.0, base_lr=0.03),
+L2P_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pytorch": dict(pool_size=10, length=5, top_n=5, pull_lambda=0.1, base_lr=0.03, prompt_pos_embed="cls"),
+    "jax": dict(pool_size=10, length=10, top_n=4, pull_lambda=1.0, base_lr=0.03, prompt_pos_embed="none"),
 }
 
 
@@ -65,6 +70,8 @@ class L2PConfig:
     batchwise: bool = False            # official batch-wise selection (predictions depend on the batch)
     train_mask: bool = True            # logits outside the current task set to -inf in training
     init: Literal["uniform", "zero"] = "uniform"  # prompts and keys
+    # positional embedding of the prompts: none (JAX original) | cls (PyTorch port) | auto (from `defaults`)
+    prompt_pos_embed: Literal["auto", "none", "cls"] = "auto"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for unknown ``defaults`` or values that cannot work once filled in."""
@@ -79,6 +86,8 @@ class L2PConfig:
         if size["top_n"] > size["pool_size"]:
             raise ConfigError(f"l2p.top_n ({size['top_n']}) cannot exceed l2p.pool_size "
                               f"({size['pool_size']}); lower top_n or enlarge the pool")
+        if self.prompt_pos_embed not in ("auto", "none", "cls"):
+            raise ConfigError(f"l2p.prompt_pos_embed must be none, cls or auto; got '{self.prompt_pos_embed}'")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"l2p.lr must be > 0 (or none for 0.03 * batch_size / 256), got {self.lr}")
 
@@ -89,6 +98,8 @@ class L2PConfig:
         fill = {k: d[k] for k in ("pool_size", "length", "top_n", "pull_lambda") if getattr(self, k) is None}
         if self.lr is None:
             fill["lr"] = scaled_lr(d["base_lr"], batch_size)
+        if self.prompt_pos_embed == "auto":
+            fill["prompt_pos_embed"] = d["prompt_pos_embed"]
         return dataclasses.replace(self, **fill)
 
 
@@ -111,7 +122,8 @@ class L2PClient(PromptClient):
         pool = self.model.pool
         idx, sim = pool.select(self.query(batch), self.cfg.top_n, self.cfg.batchwise)
         prompts = pool.gather(idx)  # (B, N * Lp, d)
-        out = forward_with_prompts(self.vit, self.tokens(batch), prompts=prompts)
+        out = forward_with_prompts(self.vit, self.tokens(batch), prompts=prompts,
+                                   prompt_pos_embed=self.cfg.prompt_pos_embed)
         feat = mean_prompt_tokens(self.vit, out, prompts.shape[1])
         return self.model.head(feat.to(self.model.head.weight.dtype)), pull_loss(sim, idx)
 
@@ -130,7 +142,7 @@ class L2P(Method):
                              "token (use a ViT with class_token=True)")
         c = self.config
         env.log(f"[l2p] defaults={c.defaults}: pool_size={c.pool_size} length={c.length} top_n={c.top_n} "
-                f"pull_lambda={c.pull_lambda} lr={c.lr:g} batchwise={c.batchwise}")
+                f"pull_lambda={c.pull_lambda} lr={c.lr:g} prompt_pos_embed={c.prompt_pos_embed} batchwise={c.batchwise}")
 
     def client(self, client_id: int, env: ClientEnv) -> Client:
         return L2PClient(self.config, env)

@@ -8,10 +8,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save as st_save
-
 from helpers import round_info, smoke_config, started, workspace
 from helpers import run as run_method
+from safetensors.torch import save as st_save
 
 from fcl_bench.config import ConfigError, apply_overrides
 from fcl_bench.methods.dualprompt import DualPrompt, DualPromptConfig
@@ -98,8 +97,9 @@ def _frozen_query(vit, x):
     return vit.forward_features(x)[:, 0]
 
 
-def test_l2p_forward_matches_a_timm_reference(ws):
-    c = _client(ws, "l2p")
+@pytest.mark.parametrize("pos", ["none", "cls"])
+def test_l2p_forward_matches_a_timm_reference(ws, pos):
+    c = _client(ws, "l2p", L2PConfig(prompt_pos_embed=pos))
     vit, pool, cfg = c.vit, c.model.pool, c.cfg
     batch = c.task.train.batch(np.arange(5))
     with torch.no_grad():
@@ -109,10 +109,20 @@ def test_l2p_forward_matches_a_timm_reference(ws):
         idx = sim.topk(cfg.top_n, dim=1).indices  # per sample, most similar first
         prompts = pool.prompts[idx].flatten(1, 2)  # (B, N * Lp, d)
         h = vit._pos_embed(vit.patch_embed(x))  # [CLS; patches] with positions, as timm embeds them
+        if pos == "cls":  # the PyTorch port: pos_embed enlarged with copies of the CLS entry
+            prompts = prompts + vit.pos_embed[:, :1]
         h = torch.cat([h[:, :1], prompts, h[:, 1:]], dim=1)  # prompt tuning at layer 0, after the CLS token
         out = vit.norm(vit.blocks(h))
         expected = c.model.head(out[:, 1:1 + prompts.shape[1]].mean(1))
     torch.testing.assert_close(logits, expected, **TOL)
+
+
+def test_l2p_prompt_pos_embed_values_give_different_outputs(ws):
+    batch = _client(ws, "l2p").task.train.batch(np.arange(4))
+    with torch.no_grad():
+        out = {pos: _client(ws, "l2p", L2PConfig(prompt_pos_embed=pos)).forward(batch, train=False)[0]
+               for pos in ("none", "cls")}
+    assert (out["none"] - out["cls"]).abs().max() > 1e-4
 
 
 def test_dualprompt_forward_matches_a_reference_from_the_raw_parameters(ws):
@@ -221,6 +231,13 @@ def test_l2p_named_defaults_and_explicit_overrides():
     assert torch_cfg.lr == pytest.approx(0.03 * 64 / 256)
     jax_cfg = apply_overrides(L2PConfig(), {"defaults": "jax"}, "l2p").resolved(16)
     assert (jax_cfg.pool_size, jax_cfg.length, jax_cfg.top_n, jax_cfg.pull_lambda) == (10, 10, 4, 1.0)
+    assert torch_cfg.prompt_pos_embed == "cls" and jax_cfg.prompt_pos_embed == "none"
+    # "none" is a value of its own here, not "take it from the defaults"
+    assert apply_overrides(L2PConfig(), {"prompt_pos_embed": "none"}, "l2p").resolved(16).prompt_pos_embed == "none"
+    assert apply_overrides(L2PConfig(), {"defaults": "jax", "prompt_pos_embed": "cls"},
+                           "l2p").resolved(16).prompt_pos_embed == "cls"
+    with pytest.raises(ConfigError, match="prompt_pos_embed"):
+        apply_overrides(L2PConfig(), {"prompt_pos_embed": "sin"}, "l2p")
     # an explicit value wins whatever the order of the overrides
     for order in ({"defaults": "jax", "top_n": "5"}, {"top_n": "5", "defaults": "jax"}):
         r = apply_overrides(L2PConfig(), order, "l2p").resolved(16)

@@ -172,3 +172,14 @@ def test_two_different_classes_may_not_share_a_name():
         registry.register(impostor)
     with pytest.raises(registry.RegistryError, match="may not contain"):
         registry.register(type("Dotted", (Method,), {"name": "a.b"}))
+
+
+def test_a_run_prints_one_plain_line_per_task_when_stdout_is_not_a_terminal(cli, tmp_path):
+    # CliRunner's stdout is not a terminal, as in `make run > log`: no progress bar, but one line per task
+    res = cli("run", "--methods", "fedvit", "--preset", "smoke", "--out", tmp_path, "-o",
+              "foundation_pretrained=false")
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    for t in (1, 2):
+        assert any(line.startswith(f"[fedvit] task {t}/2: acc (client space) = ") for line in lines), res.output
+    assert "\r" not in res.output  # no progress-bar redraws in the log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import pickle
@@ -125,24 +126,68 @@ def test_cifar100_fingerprint_is_stable_and_tracks_content(tmp_path, accept_our_
     assert load_dataset("cifar100", root=tmp_path / "b").fingerprint != fp_a
 
 
-def test_mnist_idx_files_become_three_identical_channels(tmp_path):
-    rng = np.random.default_rng(0)
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
+def write_idx(folder: Path, n_train: int = 9, n_test: int = 4, gz: bool = False, seed: int = 0,
+              size: int = 28) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The four MNIST-format idx files (``gz``: gzipped, as distributions ship them) in ``folder``;
+    returns ``{"train" | "t10k": (images (N, size, size), labels (N,))}``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
     data = {}
-    for prefix, n in (("train", 9), ("t10k", 4)):
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=n).astype(np.uint8)
-        header = struct.pack(">iiii", 2051, n, 28, 28)  # idx magic for 3-d uint8, then the dimensions
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">ii", 2049, n) + labels.tobytes())
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)[rng.permutation(n)]
+        header = struct.pack(">iiii", 2051, n, size, size)  # idx magic for 3-d uint8, then the dimensions
+        files = {f"{prefix}-images-idx3-ubyte": header + images.tobytes(),
+                 f"{prefix}-labels-idx1-ubyte": struct.pack(">ii", 2049, n) + labels.tobytes()}
+        for fname, payload in files.items():
+            if gz:
+                (folder / f"{fname}.gz").write_bytes(gzip.compress(payload))
+            else:
+                (folder / fname).write_bytes(payload)
         data[prefix] = images, labels
+    return data
+
+
+def test_mnist_idx_files_become_three_identical_channels(tmp_path):
+    data = write_idx(tmp_path / "MNIST" / "raw")
     ds = load_dataset("mnist", root=tmp_path)
     assert ds.train.images.shape == (9, 3, 28, 28) and ds.test.images.shape == (4, 3, 28, 28)
     for channel in range(3):
         assert torch.equal(ds.train.images[:, channel], torch.from_numpy(data["train"][0]))
     np.testing.assert_array_equal(ds.test.labels, data["t10k"][1])
     assert ds.num_classes == 10 and ds.native_size == 28
+
+
+@pytest.mark.parametrize("name,classes", [("mnist", tvd.MNIST.classes), ("fashionmnist", tvd.FashionMNIST.classes),
+                                          ("kmnist", tvd.KMNIST.classes)])
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_family_reads_the_four_idx_files_lying_in_the_data_root(tmp_path, name, classes, gz):
+    data = write_idx(tmp_path, gz=gz)
+    ds = load_dataset(name, root=tmp_path)
+    assert ds.name == name and ds.classes == list(classes) and ds.native_size == 28
+    assert ds.train.images.shape == (9, 3, 28, 28) and ds.test.images.shape == (4, 3, 28, 28)
+    for channel in range(3):
+        assert torch.equal(ds.test.images[:, channel], torch.from_numpy(data["t10k"][0]))
+    np.testing.assert_array_equal(ds.train.labels, data["train"][1])
+    assert ds.info["source"] == "idx files in the data root"
+    # the same bytes in torchvision's <Name>/raw/ tree give the same dataset
+    tree = tmp_path / "tree"
+    write_idx(tree / {"mnist": "MNIST", "fashionmnist": "FashionMNIST", "kmnist": "KMNIST"}[name] / "raw")
+    assert load_dataset(name, root=tree).fingerprint == ds.fingerprint
+
+
+def test_flat_idx_files_that_are_not_idx_are_a_dataset_error(tmp_path):
+    write_idx(tmp_path, gz=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte.gz"):
+        load_dataset("fashionmnist", root=tmp_path)
+
+
+def test_missing_idx_files_name_both_layouts(tmp_path):
+    with pytest.raises(DatasetError) as e:
+        load_dataset("fashionmnist", root=tmp_path)
+    assert "FashionMNIST/raw/train-images-idx3-ubyte" in str(e.value)
+    assert "directly in the data root" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,3 +396,45 @@ def test_register_refuses_a_silent_overwrite(monkeypatch):
     with pytest.raises(DatasetError, match="already registered"):
         register_dataset(entry)
     register_dataset(entry, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tiny foundation model on a real dataset
+
+
+def test_tiny_foundation_on_a_real_dataset_is_pretrained_on_synthetic_and_resizes(tmp_path, monkeypatch):
+    from fcl_bench.nn import pretrain
+    from fcl_bench.nn.foundation import load_foundation
+    from fcl_bench.nn.tiny_vit import build_tiny_vit
+
+    write_idx(tmp_path, n_train=20, n_test=10, gz=True)
+    ds = load_dataset("fashionmnist", root=tmp_path)
+    seen = {}
+
+    def fake_pretrain(dataset, **kw):  # the real one trains for minutes; record what it would train on
+        seen["dataset"] = dataset
+        return build_tiny_vit(), {"dataset": dataset.name}
+
+    monkeypatch.setattr(pretrain, "pretrain_tiny_vit", fake_pretrain)
+    fm = load_foundation("tiny", ds, torch.device("cpu"), pretrained=True)
+    assert seen["dataset"].name == "synthetic" and seen["dataset"].pretrain is not None
+    assert fm.info["source"] == "pretrained-offline" and fm.info["pretrain_dataset"] == "synthetic"
+    x = ds.train.load(np.arange(3), fm.preprocess, "cpu")
+    assert fm.preprocess.input_size == 32 and x.shape == (3, 3, 32, 32)  # 28 px images resized to 32
+    assert fm.cls(x).shape == (3, fm.embed_dim)
+
+
+def test_a_method_runs_on_a_real_dataset_with_the_tiny_foundation_model(tmp_path):
+    import dataclasses
+
+    from fcl_bench.config import preset
+    from fcl_bench.federation import Workspace, run_method
+    from fcl_bench.methods.fedlscl import FedLSCL, FedLSCLConfig
+
+    write_idx(tmp_path, n_train=200, n_test=100, gz=True)
+    cfg = dataclasses.replace(preset("smoke"), dataset="fashionmnist", data_root=str(tmp_path),
+                              foundation_pretrained=False, small_models=["test_resnet"], device="cpu")
+    ws = Workspace.create(cfg, progress=False)
+    result = run_method(FedLSCL, FedLSCLConfig(), ws, log=lambda line: None, progress=False, flops="off")
+    assert ws.foundation.name == "tiny" and ws.foundation.preprocess.input_size == 32
+    assert len(result.metrics["acc"]) == cfg.tasks and 0.0 <= result.metrics["final_acc"] <= 1.0

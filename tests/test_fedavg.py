@@ -166,3 +166,42 @@ def test_averaging_server_weights_by_the_uploaded_sample_counts():
     assert set(downloads) == {0, 1, 2}  # client 1 sat the round out; it gets the new global model too
     for d in downloads.values():
         assert set(d) == {"w"} and torch.equal(d["w"], torch.tensor([3.0, 6.0]))
+
+
+# -- training sets that leave one sample over -------------------------------------------------------
+
+def _client_on(ws, n: int, logs: list[str]):
+    import dataclasses
+
+    fed = federation(FedAvg, FedAvgConfig(), ws, RUN, log=logs.append)
+    fed.start_task(0)
+    client = fed.clients[0]
+    task = client.task
+    client.start_task(dataclasses.replace(task, train=task.train.subset(range(n))))
+    return client
+
+
+def _bn_stats(model) -> list[torch.Tensor]:
+    return [b.clone() for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+
+
+def test_a_training_set_of_batch_size_plus_one_trains_in_batchnorm_train_mode(ws):
+    logs: list[str] = []
+    c = _client_on(ws, RUN.batch_size + 1, logs)
+    before = _bn_stats(c.model)
+    c.train_round(round_info())  # without folding, the last batch holds one sample and BatchNorm raises
+    assert any(not torch.equal(a, b) for a, b in zip(before, _bn_stats(c.model)))
+    assert not logs
+
+
+def test_a_training_set_of_one_sample_runs_batchnorm_in_eval_mode_and_says_so_once(ws):
+    logs: list[str] = []
+    c = _client_on(ws, 1, logs)
+    before = _bn_stats(c.model)
+    weights = {k: v.clone() for k, v in c.model.state_dict().items() if "head" in k}
+    for _ in range(2):
+        c.train_round(round_info())
+    assert all(torch.equal(a, b) for a, b in zip(before, _bn_stats(c.model)))   # running stats untouched
+    assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in weights.items())  # but it trained
+    assert c.model.training and all(m.training for m in c.model.modules())        # modes restored
+    assert len(logs) == 1 and "one sample" in logs[0] and "BatchNorm" in logs[0]

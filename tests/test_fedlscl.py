@@ -207,3 +207,30 @@ def test_ablation_switches_run(ws, over):
         assert res.metrics["bytes_up"] == 0
     if over.get("collab") is False:
         assert all(n.startswith("theta.") or n == "__num_samples__" for n in names)
+
+
+# -- tasks and buffers that leave one sample over ---------------------------------------------------
+
+def test_stage1_and_stage2_survive_sets_that_leave_one_sample_over(ws):
+    logs: list[str] = []
+    env = dataclasses.replace(build_env(ws, FedLSCL, logs.append, progress=False), batch_size=4)
+    c = FedLSCL(FedLSCLConfig(), env).client(0)
+    sc = ws.scenario
+
+    def task(t: int, n: int) -> Task:
+        idx = sc.train_indices[0][t][:n]
+        data = ClientData(ws.dataset.train, idx, "train", ws.foundation.preprocess, ws.device)
+        return Task(index=t, classes=list(sc.client_tasks[0][t]), seen_classes=sc.seen_classes(0, t), train=data)
+
+    c.start_task(task(0, env.batch_size + 1))   # Stage 1: batches of 4 + 1 without folding
+    c.train_round()
+    c.end_task()
+    assert len(c.buffers[0]) == env.batch_size + 1
+    assert not logs
+    c.start_task(task(1, 1))                    # Stage 1 on one sample; Stage 2 on a buffer of 4 + 1
+    bn = [b.clone() for n, b in c.theta.named_buffers() if n.endswith("running_mean")]
+    up = c.train_round()
+    assert torch.isfinite(up["phi.weight"]).all()
+    assert all(torch.equal(a, b) for a, b in zip(bn, [b for n, b in c.theta.named_buffers()
+                                                       if n.endswith("running_mean")]))
+    assert len(logs) == 1 and "one sample" in logs[0]

@@ -60,6 +60,15 @@ def test_task_mean_acc_is_the_unweighted_mean_over_seen_tasks():
     assert np.array(s["per_client"]["task_mean_acc"]) == pytest.approx(per_client)
 
 
+def test_current_task_acc_is_the_diagonal_averaged_over_clients():
+    # after task t, on task t's test set alone: client 0 0.8, 0.9, 0.75; client 1 0.5, 0.5, 0.9
+    per_client = [[0.8, 0.9, 0.75], [0.5, 0.5, 0.9]]
+    s = summarise(CORRECT, TOTAL)
+    assert np.array(s["per_client"]["current_task_acc"]) == pytest.approx(np.array(per_client))
+    assert s["current_task_acc"] == pytest.approx([0.65, 0.7, 0.825])
+    assert s["current_task_acc"][2] != pytest.approx(s["acc"][2])  # not the all-tasks-so-far reading
+
+
 def test_forgetting_is_chaudhry_max_over_earlier_tasks_minus_final():
     # client 0: task 0 max(0.8, 0.6) - 0.4 = 0.4; task 1: 0.9 - 0.6 = 0.3 -> 0.35
     # client 1: task 0 max(0.5, 0.5) - 0.2 = 0.3; task 1: 0.5 - 0.5 = 0.0 -> 0.15

@@ -274,6 +274,23 @@ def test_forward_with_prompts_matches_timm_blocks(variant: str) -> None:
     torch.testing.assert_close(mean_prompt_tokens(vit, out, 4), out[:, n_prefix:n_prefix + 4].mean(1))
 
 
+def test_prompt_pos_embed_cls_adds_the_cls_position_to_every_prompt() -> None:
+    vit = make_vit()
+    x = images(2)
+    tokens = embed(vit, x)
+    prompts = rand(2, 3, D, seed=11)
+    # the PyTorch port: [CLS; prompts; patches] + pos_embed, with pos_embed's CLS entry copied over the prompts
+    n = vit.num_prefix_tokens
+    pos = torch.cat([vit.pos_embed[:, :1].expand(-1, 1 + 3, -1), vit.pos_embed[:, 1:]], dim=1)
+    seq = torch.cat([vit.cls_token.expand(2, -1, -1), prompts, vit.patch_embed(x)], dim=1) + pos
+    cls_out = forward_with_prompts(vit, tokens, prompts=prompts, prompt_pos_embed="cls")
+    torch.testing.assert_close(cls_out, vit.norm(vit.blocks(vit.norm_pre(seq))), **TOL)
+    none_out = forward_with_prompts(vit, tokens, prompts=prompts, prompt_pos_embed="none")
+    assert n == 1 and (cls_out - none_out).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="prompt_pos_embed"):
+        forward_with_prompts(vit, tokens, prompts=prompts, prompt_pos_embed="sin")
+
+
 def test_forward_with_prompts_is_per_sample() -> None:
     vit = make_vit()
     tokens = embed(vit, images(4))

@@ -129,3 +129,44 @@ def test_dataset_without_pretraining_classes_is_a_clear_error(tiny_data, tmp_pat
                     fingerprint="x")
     with pytest.raises(ValueError, match="no pretraining classes"):
         pretrain_tiny_vit(plain, cache_dir=tmp_path, config=TINY_CFG, progress=False)
+
+
+def test_pretraining_source_is_synthetic_for_a_dataset_without_pretraining_classes(tiny_data):
+    import dataclasses
+
+    assert pretrain.pretraining_source(tiny_data) is tiny_data
+    real_like = dataclasses.replace(tiny_data, name="fashionmnist", pretrain=None)
+    source = pretrain.pretraining_source(real_like)
+    assert source.name == "synthetic" and source.pretrain is not None and source is not real_like
+
+
+def test_pretraining_prints_plain_progress_lines_when_stdout_is_not_a_terminal(tiny_data, tmp_path, capsys):
+    import dataclasses
+
+    cfg = dataclasses.replace(TINY_CFG, batch_size=4)  # 12 steps over the 48 pretraining images
+    pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=cfg, progress=True)
+    out = capsys.readouterr().out.splitlines()          # pytest's captured stdout is not a terminal
+    steps = [line for line in out if "images/s" in line]
+    assert 9 <= len(steps) <= 11 and all("ETA" in line and "/48 images" in line for line in steps)
+    assert steps[-1].startswith("pretrain tiny ViT: 100% (48/48 images)")
+    assert sum(line.startswith("pretrain tiny ViT: linear probe") for line in out) == 4  # 2 probes: start, result
+    pretrain_tiny_vit(tiny_data, cache_dir=tmp_path / "quiet", config=cfg, progress=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_plain_progress_is_silent_on_a_terminal():
+    import io
+
+    from fcl_bench.progress import PlainProgress, format_seconds
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, log = Tty(), io.StringIO()
+    for out in (tty, log):
+        p = PlainProgress(100, "work", out=out)
+        for _ in range(100):
+            p.update(1)
+    assert tty.getvalue() == "" and len(log.getvalue().splitlines()) == 10
+    assert format_seconds(75.3) == "1 min 15 s" and format_seconds(8.2) == "8 s"

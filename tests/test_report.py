@@ -229,3 +229,102 @@ def test_latex_escapes_labels():
     tex = to_latex(aggregate(df, ["a_b&c"], "mean ± std", {}, {}))
     assert "a\\_b\\&c & $50.00$ \\\\" in tex and "d\\%" in tex
     assert "\\caption{mean $\\pm$ std}" in tex
+
+
+# -- the global space of methods whose heads cover only the client's own classes ----------------------
+
+def _global_na_tree(real, tmp_path, record: bool) -> Path:
+    """The real fedavg runs, ``other`` (seed 1, global-space numbers of 0.5) and ``lscl`` (seed 1): the best
+    global-space numbers (0.99), but no global space. ``record``: metrics.json says so; else it names the
+    method ``fedlscl`` and leaves the key out (runs stored before the key existed)."""
+    root = tmp_path / "na"
+    shutil.copytree(real / "smoke", root / "smoke")
+    for label, value in (("other", 0.5), ("lscl", 0.99)):
+        _derive(root, label, 1, 1)
+        m = json.loads((_run_dir(root, label, 1) / "metrics.json").read_text())
+        m["spaces"]["global"].update(final_acc=value, avg_incremental_acc=value, bwt=value,
+                                     acc=[value] * len(m["acc"]))
+        (_run_dir(root, label, 1) / "metrics.json").write_text(json.dumps(m))
+    dst = _run_dir(root, "lscl", 1)
+    m = json.loads((dst / "metrics.json").read_text())
+    m.pop("global_space_applicable", None)
+    if record:
+        m["global_space_applicable"] = False
+    else:
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["method"] = "fedlscl"
+        (dst / "config.json").write_text(json.dumps(cfg))
+    (dst / "metrics.json").write_text(json.dumps(m))
+    return root
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_global_space_not_applicable_is_na_with_a_footnote_and_never_bold(real, tmp_path, record):
+    from fcl_bench.report.tables import NA, summary_table, to_csv
+
+    df = load_results(_global_na_tree(real, tmp_path, record))
+    assert df.groupby("label")["global_space_applicable"].all().to_dict() == {"fedavg": True, "lscl": False,
+                                                                               "other": True}
+    t = summary_table(df, "synthetic")
+    md = to_markdown_rows(t)
+    lscl = md["lscl"]
+    heads = md["method"]
+    for i, h in enumerate(heads):
+        if h.startswith("global "):
+            assert lscl[i] == NA, h                          # never its client-space number, never bold
+            if h in ("global final acc", "global avg inc acc", "global BWT"):
+                assert md["other"][i].startswith("**"), h    # the best applicable row is bold instead
+        elif h.startswith("client "):
+            assert lscl[i] != NA
+    from fcl_bench.report.tables import to_markdown
+    text = to_markdown(t)
+    assert "† n/a: not applicable to lscl" in text
+    csv = pd.read_csv(io.StringIO(to_csv(t)), index_col=0)
+    assert pd.isna(csv.at["lscl", "global/final acc/mean"]) and pd.notna(csv.at["lscl", "client/final acc/mean"])
+    tex = to_latex(t)
+    assert "n/a$^\\dagger$" in tex and "\\footnotesize" in tex
+    g1 = table1(df, space="global")
+    assert all((("lscl", c) in g1.na) for c in g1.columns) and g1.notes
+    assert not table1(df).na  # the client space is always applicable
+
+
+def to_markdown_rows(t) -> dict[str, list[str]]:
+    """Markdown table -> {first cell: the other cells} (header row under its first cell)."""
+    from fcl_bench.report.tables import to_markdown
+
+    rows = {}
+    for line in to_markdown(t).splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_fedlscl_declares_no_global_space_and_the_harness_records_it():
+    from fcl_bench.api import Method
+    from fcl_bench.methods.fedavg import FedAvg
+    from fcl_bench.methods.fedlscl import FedLSCL
+
+    assert Method.global_space is True and FedAvg.global_space is True and FedLSCL.global_space is False
+
+
+def test_stored_metrics_record_global_space_applicable(real):
+    m = _metrics(real, "fedavg", 1)
+    assert m["global_space_applicable"] is True
+
+
+# -- Table 1's two readings ---------------------------------------------------------------------------
+
+def test_table1_current_task_reading_is_the_diagonal_and_labelled(tree, report):
+    csv = _csv(report, "table1-current-task")
+    a = [np.array(_metrics(tree, "fedavg", s)["spaces"]["client"]["accuracy_matrix"], dtype=float) for s in SEEDS]
+    for t in range(2):
+        expect = 100 * np.mean([m[:, t, t].mean() for m in a])
+        assert csv.at["fedavg", f"synthetic/task {t + 1}/mean"] == pytest.approx(expect)
+    stored = [_metrics(tree, "fedavg", s)["spaces"]["client"]["current_task_acc"] for s in SEEDS]
+    assert csv.at["fedavg", "synthetic/task 2/mean"] == pytest.approx(100 * np.mean([c[1] for c in stored]))
+    md = report.markdown.read_text()
+    assert "current task only" in md and "all tasks so far" in md
+    done = load_results(tree).query("state == 'completed'")
+    assert "test set of the current task only" in table1(done, reading="current").title
+    assert "all tasks so far" in table1(done).title

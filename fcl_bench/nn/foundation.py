@@ -108,7 +108,8 @@ def build_timm_vit(name: str, weights: str | Path | None, pretrained: bool) -> t
 def load_foundation(name: str, dataset: Dataset, device: torch.device, weights: str | None = None,
                     pretrained: bool = True, seed: int = 0, progress: bool = True) -> FoundationModel:
     """Build the frozen foundation model of a run. ``tiny`` = the suite's own ViT, pretrained on the
-    synthetic dataset's pretraining classes (trained and cached on first use)."""
+    synthetic dataset's pretraining classes whatever ``dataset`` is (trained and cached on first use; see
+    :func:`~fcl_bench.nn.pretrain.pretraining_source`); every input is resized to its 32 px."""
     if name == "tiny":
         from fcl_bench.nn.pretrain import ensure_pretrained
         from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG
@@ -122,14 +123,10 @@ def load_foundation(name: str, dataset: Dataset, device: torch.device, weights: 
             from fcl_bench.nn.tiny_vit import build_tiny_vit
             torch.manual_seed(seed)
             vit, info = build_tiny_vit(), {"source": "random"}
-        else:
-            if dataset.pretrain is None:
-                raise FoundationError(
-                    f"the tiny foundation model is pretrained on the synthetic dataset's pretraining classes; "
-                    f"dataset '{dataset.name}' has none. Use a timm ViT (e.g. --foundation "
-                    "vit_base_patch16_224.augreg_in21k_ft_in1k) or pass --foundation-weights FILE.")
+        else:  # whatever the FCL dataset, pretrained on the synthetic pretraining classes
             vit, report = ensure_pretrained(dataset, device=device, progress=progress)
-            info = {"source": "pretrained-offline", "pretrain_report": report}
+            info = {"source": "pretrained-offline", "pretrain_dataset": report.get("dataset"),
+                    "pretrain_report": report}
         return FoundationModel(vit, "tiny", Preprocess(**TINY_VIT_CONFIG), device, info)
     vit, info = build_timm_vit(name, weights, pretrained)
     return FoundationModel(vit, name, _preprocess_from_timm(vit), device, info)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from fcl_bench.data import Dataset, ImageSource, Preprocess, TensorSource
 from fcl_bench.datasets.synthetic import cache_root, generate, load_synthetic
 from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG, build_tiny_vit
+from fcl_bench.progress import PlainProgress, format_seconds
 from fcl_bench.store import atomic_write, write_json
 
 PRETRAIN_VERSION = "2"  # bump whenever training changes for the same config
@@ -218,6 +219,7 @@ def _fit(vit: VisionTransformer, pretrain: Dataset, cfg: PretrainConfig, seed: i
     start = time.perf_counter()
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="pretrain tiny ViT",
                disable=None if progress else True, unit="step")  # None: off when not a terminal
+    lines = PlainProgress(cfg.epochs * len(labels), "pretrain tiny ViT", enabled=None if progress else False)
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(labels), generator=gen)
         for lo in range(0, len(labels), cfg.batch_size):
@@ -232,6 +234,7 @@ def _fit(vit: VisionTransformer, pretrain: Dataset, cfg: PretrainConfig, seed: i
             losses.append(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            lines.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - start
     vit.eval()
@@ -245,6 +248,15 @@ def _head_accuracy(vit: VisionTransformer, head: nn.Module, source: ImageSource,
                    device: torch.device) -> float:
     feats = extract_features(vit, source, pre, device)
     return (head.cpu()(feats).argmax(1) == torch.as_tensor(source.labels)).float().mean().item()
+
+
+def _probe(vit: VisionTransformer, dataset: Dataset, pre: Preprocess, device: torch.device, say, what: str) -> float:
+    """:func:`linear_probe` with a plain line before and after (``say``: print when not a terminal)."""
+    say(f"linear probe of the {what} ViT on all {dataset.num_classes} FCL classes ...")
+    t0 = time.perf_counter()
+    acc = linear_probe(vit, dataset, pre, device)
+    say(f"linear probe of the {what} ViT: {100 * acc:.1f}% in {format_seconds(time.perf_counter() - t0)}")
+    return acc
 
 
 def _cache_paths(cache_dir: Path, dataset: Dataset, cfg: PretrainConfig, seed: int) -> tuple[Path, Path, str]:
@@ -292,14 +304,17 @@ def pretrain_tiny_vit(dataset: Dataset, cache_dir: str | Path | None = None, see
     if cached is not None:
         return cached
     pre = Preprocess(**TINY_VIT_CONFIG)
+    say = PlainProgress(1, "pretrain tiny ViT", enabled=None if progress else False).note
+    say(f"not cached; training it on {len(dataset.pretrain.train):,} images of {dataset.name}'s pretraining "
+        f"classes ({cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}{', with two linear probes' if probe else ''})")
     with _deterministic(seed):
         vit = build_tiny_vit(**cfg.arch()).to(device)
         t0 = time.perf_counter()
-        random_probe = linear_probe(vit, dataset, pre, device) if probe else None
+        random_probe = _probe(vit, dataset, pre, device, say, "random init") if probe else None
         probe_seconds = time.perf_counter() - t0
         stats = _fit(vit, dataset.pretrain, cfg, seed, pre, device, progress)
         t0 = time.perf_counter()
-        pretrained_probe = linear_probe(vit, dataset, pre, device) if probe else None
+        pretrained_probe = _probe(vit, dataset, pre, device, say, "pretrained") if probe else None
         probe_seconds += time.perf_counter() - t0
     vit = vit.cpu().eval()
     report = {"version": PRETRAIN_VERSION, "key": key, "dataset": dataset.name,
@@ -313,15 +328,27 @@ def pretrain_tiny_vit(dataset: Dataset, cache_dir: str | Path | None = None, see
     return vit, report
 
 
+def pretraining_source(dataset: Dataset | None = None, cache_dir: str | Path | None = None) -> Dataset:
+    """The dataset the tiny ViT is pretrained (and probed) on: ``dataset`` itself when it ships pretraining
+    classes (the synthetic dataset), else the default synthetic dataset, so that the offline foundation model
+    also serves real datasets (MNIST, CIFAR, ...): it never sees their classes, only their resized images."""
+    if dataset is not None and dataset.pretrain is not None:
+        return dataset
+    if cache_dir:
+        return load_synthetic(root=Path(cache_dir) / "synthetic")
+    from fcl_bench.datasets import load_dataset
+    return load_dataset("synthetic")
+
+
 def ensure_pretrained(dataset: Dataset | None = None, cache_dir: str | Path | None = None, seed: int = 0,
                       device: torch.device | str = "cpu", progress: bool = True) -> tuple[VisionTransformer, dict]:
     """The default offline foundation model: cached if present, else pretrained now (a few CPU minutes).
 
-    ``dataset`` defaults to the default synthetic dataset. Returns the ViT frozen (eval, no grad) on
-    ``device`` and its pretraining report.
+    Pretrained on :func:`pretraining_source` of ``dataset`` (the default synthetic dataset when ``dataset``
+    is None or has no pretraining classes). Returns the ViT frozen (eval, no grad) on ``device`` and its
+    pretraining report.
     """
-    if dataset is None:
-        dataset = load_synthetic(root=Path(cache_dir) / "synthetic" if cache_dir else None)
+    dataset = pretraining_source(dataset, cache_dir)
     vit, report = pretrain_tiny_vit(dataset, cache_dir=cache_dir, seed=seed, progress=progress, device=device)
     return vit.requires_grad_(False).eval().to(device), report
 

@@ -118,7 +118,7 @@ class PromptClient(ModelClient):
         def clip() -> None:
             if self.clip_grad > 0:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-        train_epochs(self.env, self.task.train, self.loss, self.opt, clip)
+        train_epochs(self.env, self.task.train, self.loss, self.opt, clip, model=self.model)
         return upload_with_count(trainable_state(self.model), len(self.task.train))
 
     def receive(self, download: Payload, kind: DownloadKind) -> None:

@@ -12,6 +12,11 @@ Selection is per sample by default: a sample's prompts never depend on the rest 
 official codes' batch-wise selection (most frequent top-N of the batch, used for every sample, also at
 test time) is the labelled option ``batchwise=True``.
 
+Positional embedding of prompt tokens (``prompt_pos_embed``): ``none`` inserts them after the positional
+embedding, so they get none (the JAX original of L2P); ``cls`` adds the CLS token's positional embedding to
+every prompt token (the PyTorch port, which enlarges ``pos_embed`` by copying the CLS entry over the prompt
+positions).
+
 Init: prompts and keys are ``uniform(-1, 1)``, the official L2P / DualPrompt default (``prompt_init`` and
 ``prompt_key_init`` = ``'uniform'``); ``init="zero"`` is the official alternative.
 """
@@ -43,6 +48,7 @@ __all__ = [
 #: Per-layer prefixes: block index -> ``(pk, pv)``, each ``(B, Lp, d)`` (or ``(1, Lp, d)``, shared).
 PrefixMap = Mapping[int, tuple[Tensor, Tensor]]
 PromptInit = Literal["uniform", "zero"]
+PromptPosEmbed = Literal["none", "cls"]
 
 
 def _init_(t: Tensor, init: PromptInit, generator: torch.Generator | None) -> None:
@@ -182,18 +188,26 @@ def combine_prefixes(*maps: PrefixMap) -> dict[int, tuple[Tensor, Tensor]]:
     return out
 
 
-def insert_prompts(vit: nn.Module, tokens: Tensor, prompts: Tensor) -> Tensor:
+def insert_prompts(vit: nn.Module, tokens: Tensor, prompts: Tensor, pos_embed: PromptPosEmbed = "none") -> Tensor:
     """Insert prompt tokens ``(B or 1, P, d)`` after the prefix (CLS, register) tokens of ``tokens`` ``(B, N, d)``.
 
     ``tokens`` come from :func:`fcl_bench.nn.vit_ops.embed`, so the patch tokens already carry their
-    positional embedding and the prompts get none, as in the official L2P. The prompts pass through
+    positional embedding. ``pos_embed="none"``: the prompts get none (the JAX original of L2P); ``"cls"``:
+    each prompt token gets the CLS token's positional embedding (the PyTorch port). The prompts pass through
     ``norm_pre`` (a per-token norm, Identity in most ViTs) like the rest of the sequence does there.
     """
     if prompts.dim() != 3 or prompts.shape[0] not in (1, tokens.shape[0]) or prompts.shape[2] != tokens.shape[2]:
         raise ValueError(f"prompts must be ({tokens.shape[0]} or 1, P, {tokens.shape[2]}), "
                          f"got {tuple(prompts.shape)}")
     n_prefix = vit.num_prefix_tokens
-    prompts = vit.norm_pre(prompts.to(tokens.dtype).expand(tokens.shape[0], -1, -1))
+    prompts = prompts.to(tokens.dtype)
+    if pos_embed == "cls":
+        if getattr(vit, "cls_token", None) is None or getattr(vit, "no_embed_class", False):
+            raise ValueError("prompt_pos_embed='cls' needs a ViT whose class token has a positional embedding")
+        prompts = prompts + vit.pos_embed[:, :1].to(tokens.dtype)
+    elif pos_embed != "none":
+        raise ValueError(f"prompt_pos_embed must be 'none' or 'cls', got {pos_embed!r}")
+    prompts = vit.norm_pre(prompts.expand(tokens.shape[0], -1, -1))
     return torch.cat([tokens[:, :n_prefix], prompts, tokens[:, n_prefix:]], dim=1)
 
 
@@ -214,6 +228,7 @@ def forward_with_prompts(
         tokens: Tensor,
         prompts: Tensor | None = None,
         prefixes: PrefixMap | None = None,
+        prompt_pos_embed: PromptPosEmbed = "none",
 ) -> Tensor:
     """Run the frozen ViT with prompt tokens and/or per-layer prefixes -> final-norm tokens ``(B, N', d)``.
 
@@ -222,6 +237,7 @@ def forward_with_prompts(
         tokens: ``(B, N, d)`` from :func:`fcl_bench.nn.vit_ops.embed`.
         prompts: ``(B, P, d)`` per-sample prompt tokens inserted after the CLS token at layer 0
             (prompt tuning); then ``N' = N + P`` and :func:`prompt_token_slice` gives their positions.
+        prompt_pos_embed: ``none`` or ``cls``, the positional embedding the prompts get (:func:`insert_prompts`).
         prefixes: ``{block: (pk, pv)}``, each ``(B, Lp, d)``: prefix tuning on those blocks.
     """
     if tokens.dim() != 3:
@@ -232,7 +248,7 @@ def forward_with_prompts(
     bad = [i for i in prefixes if not 0 <= i < depth]
     if bad:
         raise ValueError(f"prefix layers {bad} are outside this ViT's blocks 0..{depth - 1}")
-    h = tokens if prompts is None else insert_prompts(vit, tokens, prompts)
+    h = tokens if prompts is None else insert_prompts(vit, tokens, prompts, prompt_pos_embed)
     for i, blk in enumerate(vit.blocks):
         h = block_forward(blk, h, prefix_kv=prefixes[i]) if i in prefixes else blk(h)
     return vit.norm(h)

@@ -1,15 +1,26 @@
-"""Local training shared by methods: one optimiser step, epochs over a client's data, and
-:class:`ModelClient`, the state handling of a client that trains one module."""
+"""Local training shared by methods: one optimiser step, epochs over a client's data, BatchNorm in eval mode
+for a training set of one sample, and :class:`ModelClient`, the state handling of a client that trains one
+module.
+
+A batch of one sample cannot be normalised by BatchNorm in train mode (torch raises "Expected more than 1
+value per channel"). :meth:`fcl_bench.data.ClientData.batches` folds a trailing single sample into the
+previous batch, so only a set of one sample in all gives such a batch; for it, the training helpers run the
+model's BatchNorm layers in eval mode for those steps (running statistics used and left unchanged, the
+other parameters trained as usual) and say so once per client in the run log.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from torch import nn
 
 from fcl_bench.api import Client, ClientEnv, Task
 from fcl_bench.checks import check_finite
 from fcl_bench.data import Batch, ClientData
+from fcl_bench.nn.distill import batchnorm_eval
 from fcl_bench.state import State
 
 
@@ -25,15 +36,30 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, what: str,
     opt.step()
 
 
+def single_sample_guard(env: ClientEnv, data: ClientData, module: nn.Module | None) -> AbstractContextManager:
+    """BatchNorm of ``module`` in eval mode while ``data`` holds exactly one sample (logged once per client
+    through ``env.log``); a no-op otherwise."""
+    if len(data) != 1 or module is None:
+        return nullcontext()
+    if not env.notes.get("single_sample"):
+        env.notes["single_sample"] = True
+        env.log(f"client {env.client_id}: a training set of one sample; BatchNorm layers run in eval mode "
+                "(running statistics, not updated) for its steps")
+    return batchnorm_eval(module)
+
+
 def train_epochs(env: ClientEnv, data: ClientData, loss_fn: Callable[[Batch], torch.Tensor],
-                 opt: torch.optim.Optimizer, before_step: Callable[[], None] | None = None) -> None:
+                 opt: torch.optim.Optimizer, before_step: Callable[[], None] | None = None,
+                 model: nn.Module | None = None) -> None:
     """``env.epochs`` shuffled passes over ``data`` (the client's seeded generator), one step per batch,
-    the loss computed under ``env.autocast()``."""
-    for _ in range(env.epochs):
-        for batch in data.batches(env.batch_size, shuffle=True, generator=env.generator):
-            with env.autocast():
-                loss = loss_fn(batch)
-            optimizer_step(loss, opt, f"client {env.client_id} loss", before_step)
+    the loss computed under ``env.autocast()``. ``model``: the module trained, whose BatchNorm layers run in
+    eval mode when ``data`` holds a single sample (:func:`single_sample_guard`)."""
+    with single_sample_guard(env, data, model):
+        for _ in range(env.epochs):
+            for batch in data.batches(env.batch_size, shuffle=True, generator=env.generator):
+                with env.autocast():
+                    loss = loss_fn(batch)
+                optimizer_step(loss, opt, f"client {env.client_id} loss", before_step)
 
 
 class ModelClient(Client):

@@ -4,7 +4,8 @@
 ``OUT`` (default ``DIR/report``):
 
 * ``report.md``: all tables inline, the figures, failed runs with their reasons, scenario warnings;
-* ``tables/``: Table 1 (per-task accuracy), per-method variant tables (Table 2 format, whenever a method
+* ``tables/``: Table 1 (accuracy after each task on all tasks so far; and ``table1-current-task``: on the
+  current task only), per-method variant tables (Table 2 format, whenever a method
   ran under two or more labels), per-dataset summaries (both evaluation spaces, communication, compute,
   time) as ``.md``, ``.csv`` (full precision: mean, std, n) and ``.tex`` (booktabs); ``runs.csv`` (one
   row per run);
@@ -103,8 +104,10 @@ def _group_sections(df: pd.DataFrame, out: Path, suffix: str, files: ReportFiles
     from fcl_bench.report import plots
 
     styles = plots.palette(order_names(df))
-    md = ["\n## Table 1: task-wise accuracy\n"]
+    md = ["\n## Table 1: task-wise accuracy on all tasks so far (the default reading)\n"]
     md += _emit(table1(df), out, f"table1{suffix}", files)
+    md.append("\n## Table 1, other reading: accuracy on the current task only\n")
+    md += _emit(table1(df, reading="current"), out, f"table1-current-task{suffix}", files)
     for method in dict.fromkeys(df["method"]):
         t = variants_table(df, method)
         if t is not None:

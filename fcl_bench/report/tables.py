@@ -8,6 +8,10 @@ Scenario groups: methods are only comparable on the same scenario. Runs of the s
 whose scenario hashes differ are split into separate *scenario groups* (greedily, in row order: a label
 joins the first group whose hashes it agrees with), and each group gets its own tables and plots; the
 report says so in a warning. With one group nothing changes.
+
+Not applicable cells: a method whose heads cover only each client's own classes (``Method.global_space =
+False``, recorded as ``global_space_applicable`` in metrics.json) has no global-space number of its own, so
+its global-space cells show ``n/a†`` with a footnote, are left out of the CSV means and are never bold.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -32,6 +36,9 @@ class ReportError(ValueError):
 # run-config fields that never make two runs different experiments (seed: pooled over; dataset: columns)
 _IGNORED_RUN_KEYS = {"seed", "dataset", "device", "data_root", "download", "eval_batch_size"}
 _BETTER = {"max", "min"}
+NA = "n/a†"
+GLOBAL_NA_NOTE = ("† n/a: not applicable to {rows}: each client's heads cover only its own classes, so the "
+                  "global space (all classes any client has seen) would repeat the client-space number.")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -62,6 +69,7 @@ def load_results(root: str | Path) -> pd.DataFrame:
     df["mb_per_client"] = df["mb_up_per_client"] + df["mb_down_per_client"]
     df["tflops_per_client"] = df["client_flops"].astype(float) / per_client / 1e12
     df["group"] = assign_scenario_groups(df)
+    df["global_space_applicable"] = [_global_applicable(m, meth) for m, meth in zip(df["metrics"], df["method"])]
     order = {n: i for i, n in enumerate(order_names(df))}
     keys = {"name": lambda s: s.map(order), "seed": lambda s: pd.to_numeric(s, errors="coerce"),
             "dataset": lambda s: s.astype(str)}
@@ -83,6 +91,18 @@ def _fill_identity(df: pd.DataFrame) -> pd.DataFrame:
             if not isinstance(df.at[i, col], (str, int, np.integer)):
                 df.at[i, col] = val
     return df
+
+
+def _global_applicable(metrics: Any, method: Any) -> bool:
+    """``global_space_applicable`` from metrics.json; runs written before it existed ask the registered
+    method class (``Method.global_space``), and unknown methods count as applicable."""
+    if isinstance(metrics, dict) and "global_space_applicable" in metrics:
+        return bool(metrics["global_space_applicable"])
+    try:
+        from fcl_bench.registry import get_method
+        return bool(get_method(str(method)).global_space)
+    except Exception:  # a plugin that is not installed here, or a run without a method name
+        return True
 
 
 def _names(df: pd.DataFrame) -> list[str]:
@@ -154,6 +174,8 @@ class Table:
     fmt: dict[tuple[str, str], str]
     text: pd.DataFrame = field(default_factory=pd.DataFrame)
     row_header: str = "method"
+    na: set[tuple[str, tuple[str, str]]] = field(default_factory=set)   # (row, column) not applicable
+    notes: list[str] = field(default_factory=list)                       # footnotes, printed below
 
     @property
     def rows(self) -> list[str]:
@@ -189,17 +211,58 @@ def seeds_text(df: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------ tables
 
-def table1(df: pd.DataFrame, space: str = "client") -> Table:
-    """Paper Table 1: per-task accuracy (``acc`` after each task, %) per dataset, one row per label."""
+TABLE1_READINGS = {
+    "seen": "accuracy after each task on the test sets of all tasks so far",
+    "current": "accuracy after each task on the test set of the current task only",
+}
+
+
+def table1(df: pd.DataFrame, space: str = "client", reading: Literal["seen", "current"] = "seen") -> Table:
+    """Paper Table 1: accuracy after each task (%) per dataset, one row per label.
+
+    ``reading`` picks which of the paper's two possible readings: ``seen`` (the default, metric ``acc``)
+    on the test sets of all tasks so far, or ``current`` (``current_task_acc``) on the current task's only.
+    """
+    if reading not in TABLE1_READINGS:
+        raise ValueError(f"reading must be one of {', '.join(TABLE1_READINGS)}; got {reading!r}")
     key = f"metrics_{space}"
     recs = [{"name": r.name, "header": r.dataset, "column": f"task {t + 1}", "value": 100.0 * a}
-            for r in df.itertuples() for t, a in enumerate(getattr(r, key)["acc"])]
+            for r in df.itertuples() for t, a in enumerate(_table1_values(getattr(r, key), reading))]
     rows = order_names(df)
     better = {r["column"]: "max" for r in recs}
-    title = (f"Task-wise accuracy (%, {space} space): accuracy after each task on the test sets of all tasks "
-             "so far, mean ± std over seeds")
-    return aggregate(pd.DataFrame(recs), rows, title, better=better, fmt={},
-                     text=seeds_text(df, rows)) if recs else _empty()
+    title = f"Task-wise accuracy (%, {space} space): {TABLE1_READINGS[reading]}, mean ± std over seeds"
+    if not recs:
+        return _empty()
+    t = aggregate(pd.DataFrame(recs), rows, title, better=better, fmt={}, text=seeds_text(df, rows))
+    return mark_global_not_applicable(t, df) if space == "global" else t
+
+
+def _table1_values(space_metrics: dict, reading: str) -> list[float]:
+    if reading == "seen":
+        return space_metrics["acc"]
+    if "current_task_acc" in space_metrics:
+        return space_metrics["current_task_acc"]
+    # runs stored before current_task_acc existed: the client-averaged diagonal of the accuracy matrix
+    a = np.array(space_metrics["accuracy_matrix"], dtype=float)
+    return np.diagonal(a, axis1=1, axis2=2).mean(0).tolist()
+
+
+def mark_global_not_applicable(t: Table, df: pd.DataFrame, header: str | None = None) -> Table:
+    """Blank the cells of rows whose runs have no global space (``global_space_applicable`` False): in every
+    column, or only under ``header``; they render as ``n/a†`` with :data:`GLOBAL_NA_NOTE` below the table."""
+    if "global_space_applicable" not in df:
+        return t
+    applicable = df.groupby("name")["global_space_applicable"].all()
+    rows = [r for r in t.rows if not applicable.get(r, True)]
+    cols = [c for c in t.columns if header is None or c[0] == header]
+    if not rows or not cols:
+        return t
+    for r in rows:
+        for c in cols:
+            t.mean.at[r, c], t.std.at[r, c], t.n.at[r, c] = np.nan, np.nan, 0
+            t.na.add((r, c))
+    t.notes.append(GLOBAL_NA_NOTE.format(rows=", ".join(rows)))
+    return t
 
 
 def _empty() -> Table:
@@ -231,7 +294,8 @@ def summary_table(df: pd.DataFrame, dataset: str) -> Table:
     rows = order_names(sub)
     title = (f"Summary on {dataset}: accuracies in % (client space: classes the client has seen; global "
              "space: classes any client has seen); MB and TFLOPs per client, totals over the run")
-    return aggregate(pd.DataFrame(recs), rows, title, better=better, fmt=fmt, text=seeds_text(sub, rows))
+    t = aggregate(pd.DataFrame(recs), rows, title, better=better, fmt=fmt, text=seeds_text(sub, rows))
+    return mark_global_not_applicable(t, sub, header="global")
 
 
 def varied_keys(df: pd.DataFrame) -> dict[str, dict[str, Any]]:
@@ -374,10 +438,11 @@ def to_markdown(t: Table) -> str:
         cells = [r, *(_text_cell(t.text.at[r, k], "md") for k in tcols)]
         for c in t.columns:
             d = _display(t, r, c)
-            s = "–" if d is None else (f"{d[0]} ± {d[1]}" if d[1] else d[0])
+            s = NA if (r, c) in t.na else "–" if d is None else (f"{d[0]} ± {d[1]}" if d[1] else d[0])
             cells.append(f"**{s}**" if r in best[c] else s)
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = ["", *t.notes] if t.notes else []
+    return "\n".join(lines + notes) + "\n"
 
 
 def to_csv(t: Table) -> str:
@@ -387,14 +452,17 @@ def to_csv(t: Table) -> str:
         out[k] = t.text[k].map(lambda v: ",".join(map(str, v)) if isinstance(v, list) else v)
     for c in t.columns:
         base = "/".join(x for x in c if x)
-        out[f"{base}/mean"], out[f"{base}/std"] = t.mean[c], t.std[c]
+        na = [r for r in t.rows if (r, c) in t.na]
+        out[f"{base}/mean"], out[f"{base}/std"] = t.mean[c].astype(object), t.std[c]
+        out.loc[na, f"{base}/mean"] = "n/a"
         out[f"{base}/n"] = t.n[c].astype("Int64")
     return out.to_csv()
 
 
 def latex_escape(s: str) -> str:
     rep = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$"}
+           "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$",
+           "†": r"$^\dagger$"}
     return "".join(rep.get(ch, ch) for ch in s)
 
 
@@ -420,9 +488,11 @@ def to_latex(t: Table, label: str = "") -> str:
     for r in t.rows:
         cells = [latex_escape(r), *(_text_cell(t.text.at[r, k], "tex") for k in tcols)]
         for c in t.columns:
-            cells.append(_latex_num(_display(t, r, c), r in best[c]))
+            cells.append(latex_escape(NA) if (r, c) in t.na else _latex_num(_display(t, r, c), r in best[c]))
         lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_escape(t.title)}}}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [r"\par\smallskip{\footnotesize " + latex_escape(n) + "}" for n in t.notes]
+    lines.append(rf"\caption{{{latex_escape(t.title)}}}")
     if label:
         lines.append(rf"\label{{{label}}}")
     return "\n".join(lines + [r"\end{table}"]) + "\n"
