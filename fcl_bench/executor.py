@@ -205,5 +205,9 @@ def run_one(spec: RunSpec, echo: Callable[[str], None] | None = None, err: Calla
 
 def run_in_process(specs: Sequence[RunSpec], echo: Callable[[str], None], err: Callable[[str], None],
                    user_errors: tuple[type[BaseException], ...] = ()) -> list[dict]:
-    """The default executor: every spec in order, in this process."""
-    return [run_one(s, echo, err, user_errors) for s in specs]
+    """The default executor: every spec in order, in this process (workspaces built afresh for the plan)."""
+    _WORKSPACES.clear()
+    try:
+        return [run_one(s, echo, err, user_errors) for s in specs]
+    finally:
+        _WORKSPACES.clear()

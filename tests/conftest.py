@@ -98,22 +98,30 @@ BAD_PLUGIN = textwrap.dedent('''
         """A helper base class that names no method: it must not be registered (it inherits 'fedavg')."""
 
 
+    class NoServer(Server):
+        def aggregate(self, uploads, info):
+            return {}
+
+
     class BoomClient(Client):
         def start_task(self, task):
             self.task = task
 
-        def train_round(self):
+        def train_round(self, info):
             raise RuntimeError("boom from the plugin")
+
+        def predict(self, batch):
+            return torch.zeros(len(batch), 10)
 
 
     class Boom(Method):
         name = "boom"
 
-        def client(self, client_id):
+        def client(self, client_id, env):
             return BoomClient()
 
-        def server(self):
-            return Server()
+        def server(self, env):
+            return NoServer()
 
 
     class NanClient(Client):
@@ -126,7 +134,7 @@ BAD_PLUGIN = textwrap.dedent('''
         def start_task(self, task):
             self.task = task
 
-        def train_round(self):
+        def train_round(self, info):
             batch = next(iter(self.task.train.batches(8)))
             loss = nn.functional.cross_entropy(self.model(batch.x.flatten(1)), batch.y) * float("nan")
             self.opt.zero_grad()
@@ -134,16 +142,19 @@ BAD_PLUGIN = textwrap.dedent('''
             self.opt.step()
             return {k: v.detach() for k, v in self.model.state_dict().items()}
 
+        def predict(self, batch):
+            return self.model(batch.x.flatten(1))
+
 
     class NanLoss(Method):
         name = "nanloss"
         uses_foundation = False
 
-        def client(self, client_id):
-            return NanClient(self.env.scenario.num_classes)
+        def client(self, client_id, env):
+            return NanClient(env.scenario.num_classes)
 
-        def server(self):
-            return Server()
+        def server(self, env):
+            return NoServer()
 ''')
 
 

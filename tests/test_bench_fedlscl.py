@@ -14,11 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import smoke_config, started, workspace
 
-from fcl_bench.api import Task
-from fcl_bench.config import preset
-from fcl_bench.data import ClientData
-from fcl_bench.federation import Workspace, build_env
 from fcl_bench.methods.fedlscl import FedLSCL, FedLSCLConfig
 
 BATCH = 32
@@ -26,23 +23,20 @@ BATCH = 32
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = dataclasses.replace(preset("smoke"), foundation_pretrained=False, train_per_class=BATCH,
-                              batch_size=BATCH)
-    ws = Workspace.create(cfg, progress=False)
-    env = build_env(ws, FedLSCL, lambda s: None, progress=False)
-    sc = ws.scenario
-    data = ClientData(ws.dataset.train, sc.train_indices[0][0], "train", ws.foundation.preprocess, ws.device)
-    task = Task(index=0, classes=list(sc.client_tasks[0][0]), seen_classes=sc.seen_classes(0, 0), train=data)
+    cfg = dataclasses.replace(smoke_config(), train_per_class=BATCH, batch_size=BATCH)
+    ws = workspace(cfg)
+    client, _ = started(FedLSCL, FedLSCLConfig(), ws, cfg)
+    env, data = client.env, client.task.train
     batch = data.batch(np.arange(min(BATCH, len(data))))
     _ = batch.x
     env.features.prefix(batch, FedLSCLConfig().block)  # the cache is filled once, as after a run's first pass
     env.features.cls(batch)
-    return env, task, batch
+    return (ws, cfg), None, batch
 
 
-def _fedlscl_step(env, task, batch, cached: bool):
-    client = FedLSCL(FedLSCLConfig(prefix_cache=cached), env).client(0)
-    client.start_task(task)
+def _fedlscl_step(setup_ws, _task, batch, cached: bool):
+    ws, cfg = setup_ws
+    client, _ = started(FedLSCL, FedLSCLConfig(prefix_cache=cached), ws, cfg)
     client._train_mode(True)
 
     def step():
@@ -65,12 +59,13 @@ def test_bench_fedlscl_step_uncached(benchmark, setup):
 
 @pytest.mark.benchmark(group="fedlscl-step")
 def test_bench_frozen_vit_head_step(benchmark, setup):
-    env, task, batch = setup
-    head = torch.nn.Linear(env.foundation.embed_dim, env.scenario.num_classes)
+    (ws, _), task, batch = setup
+    fm = ws.foundation
+    head = torch.nn.Linear(fm.embed_dim, ws.scenario.num_classes)
     opt = torch.optim.Adam(head.parameters(), lr=1e-3)
 
     def step():  # what collaboration is compared with: the frozen ViT's features and a trained head
-        loss = F.cross_entropy(head(env.foundation.cls(batch.x)), batch.y)
+        loss = F.cross_entropy(head(fm.cls(batch.x)), batch.y)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -16,11 +16,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers import run, workspace
 
 from fcl_bench.config import preset
-from fcl_bench.federation import RunResult, Workspace, run_method
+from fcl_bench.federation import RunResult
 from fcl_bench.methods.fedvit import FedViT, FedViTConfig
 from fcl_bench.nn.cache import FeatureCache
+from fcl_bench.workspace import Workspace
 
 ROUNDS = {"rounds": 3, "iterations": 1, "warmup_rounds": 0}
 
@@ -29,7 +31,8 @@ ROUNDS = {"rounds": 3, "iterations": 1, "warmup_rounds": 0}
 def ws() -> Workspace:
     cfg = dataclasses.replace(preset("quick"), foundation_pretrained=False, train_per_class=24,
                               test_per_class=12)
-    w = Workspace.create(cfg, progress=False)
+    w = workspace(cfg)
+    w.run_cfg = cfg
     w.ensure_foundation(progress=False)
     return w
 
@@ -41,7 +44,7 @@ def _fresh_cache(ws: Workspace) -> FeatureCache:
 
 
 def _run(ws: Workspace, cache: bool) -> RunResult:
-    return run_method(FedViT, FedViTConfig(cache=cache), ws, log=lambda s: None, progress=False, flops="off")
+    return run(FedViT, FedViTConfig(cache=cache), ws, ws.run_cfg)
 
 
 def _touched(ws: Workspace) -> int:

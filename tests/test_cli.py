@@ -27,7 +27,7 @@ def test_list_shows_methods_datasets_presets_and_method_options(cli):
         assert section in res.output
     for name in ("fedavg", "fedprox", "synthetic", "cifar100", "imagenet-r", *PRESETS):
         assert name in res.output
-    assert "lr, weight_decay, mu" in res.output  # fedprox's options, from its Config dataclass
+    assert "lr, weight_decay, average_bn_stats, mu" in res.output  # fedprox's options, from its Config dataclass
     only = cli("list", "presets")
     assert "smoke" in only.output and "methods:" not in only.output
 
@@ -49,7 +49,7 @@ def test_unknown_dataset_lists_the_valid_ones(cli, tmp_path):
 def test_unknown_method_option_lists_valid_keys(cli, tmp_path):
     res = cli("run", "--methods", "fedavg,fedprox", "--preset", "smoke", "-o", "fedprox.nope=1", "--out", tmp_path)
     _clean_error(res)
-    assert "unknown fedprox key 'nope'; valid keys: lr, weight_decay, mu" in res.output
+    assert "unknown fedprox key 'nope'; valid keys: lr, weight_decay, average_bn_stats, mu" in res.output
 
 
 def test_a_plugin_that_fails_to_import_is_a_clean_error(cli, tmp_path):
@@ -133,14 +133,15 @@ def test_an_installed_entry_point_method_runs_through_the_cli(installed_plugin, 
                                                                tmp_path):
     listed = cli_subprocess("list", "methods", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
-    assert "mymethod" in listed.stdout and "options: lr, weight_decay, tag" in listed.stdout
+    assert "mymethod" in listed.stdout and "options: lr, weight_decay, average_bn_stats, tag" in listed.stdout
     out = tmp_path / "results"
     done = cli_subprocess("run", "--methods", "mymethod", "-o", "mymethod.tag=x", "--out", out, *smoke_opts,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     path = run_dir(out, "smoke", "mymethod", "synthetic", 42)
     assert read_json(path / "status.json")["state"] == "completed"
-    assert read_json(path / "config.json")["method_config"] == {"lr": 5e-4, "weight_decay": 0.0, "tag": "x"}
+    assert read_json(path / "config.json")["method_config"] == {"lr": 5e-4, "weight_decay": 0.0,
+                                                                   "average_bn_stats": False, "tag": "x"}
     assert 0.0 <= read_json(path / "metrics.json")["final_acc"] <= 1.0
 
 

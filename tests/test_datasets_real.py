@@ -427,14 +427,15 @@ def test_tiny_foundation_on_a_real_dataset_is_pretrained_on_synthetic_and_resize
 def test_a_method_runs_on_a_real_dataset_with_the_tiny_foundation_model(tmp_path):
     import dataclasses
 
+    from helpers import run, workspace
+
     from fcl_bench.config import preset
-    from fcl_bench.federation import Workspace, run_method
     from fcl_bench.methods.fedlscl import FedLSCL, FedLSCLConfig
 
     write_idx(tmp_path, n_train=200, n_test=100, gz=True)
     cfg = dataclasses.replace(preset("smoke"), dataset="fashionmnist", data_root=str(tmp_path),
                               foundation_pretrained=False, small_models=["test_resnet"], device="cpu")
-    ws = Workspace.create(cfg, progress=False)
-    result = run_method(FedLSCL, FedLSCLConfig(), ws, log=lambda line: None, progress=False, flops="off")
+    ws = workspace(cfg)
+    result = run(FedLSCL, FedLSCLConfig(), ws, cfg)
     assert ws.foundation.name == "tiny" and ws.foundation.preprocess.input_size == 32
     assert len(result.metrics["acc"]) == cfg.tasks and 0.0 <= result.metrics["final_acc"] <= 1.0

@@ -7,28 +7,24 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import federation, round_info, smoke_config, started, workspace
+from helpers import run as run_method
 from safetensors.torch import save as st_save
 from torch import nn
 
-from fcl_bench.api import Task
-from fcl_bench.config import preset
-from fcl_bench.data import ClientData
-from fcl_bench.federation import Workspace, build_env, run_method
 from fcl_bench.methods.fedlscl import FedLSCL, FedLSCLConfig
 from fcl_bench.nn.o2d import o2d_closed_form, o2d_gradient
 
+RUN = smoke_config()
+
 
 def _smoke_cfg(**kw):
-    return dataclasses.replace(preset("smoke"), foundation_pretrained=False, **kw)
+    return dataclasses.replace(RUN, **kw)
 
 
 @pytest.fixture(scope="module")
 def ws():
-    return Workspace.create(_smoke_cfg(), progress=False)
-
-
-def _env(ws):
-    return build_env(ws, FedLSCL, lambda s: None, progress=False)
+    return workspace(RUN)
 
 
 # -- One-by-One Distillation -------------------------------------------------------------------------
@@ -89,18 +85,9 @@ def test_o2d_without_teachers_keeps_student():
 
 # -- forward passes ----------------------------------------------------------------------------------
 
-def _task(ws, client, t):
-    sc = ws.scenario
-    data = ClientData(ws.dataset.train, sc.train_indices[client][t], "train", ws.foundation.preprocess, ws.device)
-    return Task(index=t, classes=list(sc.client_tasks[client][t]), seen_classes=sc.seen_classes(client, t), train=data)
-
-
 def test_cached_and_uncached_forward_equal(ws):
-    env = _env(ws)
-    torch.manual_seed(0)
-    method = FedLSCL(FedLSCLConfig(), env)
-    c = method.client(0)
-    c.start_task(_task(ws, 0, 0))
+    c, _ = started(FedLSCL, FedLSCLConfig(), ws)
+    env = c.env
     with torch.no_grad():  # make B non-zero so the adapted block really differs from the frozen one
         c.phi.linear.weight.normal_(0, 0.05)
     batch = next(c.task.train.batches(8))
@@ -115,10 +102,8 @@ def test_cached_and_uncached_forward_equal(ws):
 
 
 def test_adapted_vit_equals_frozen_at_init(ws):
-    env = _env(ws)
-    method = FedLSCL(FedLSCLConfig(), env)
-    c = method.client(1)
-    c.start_task(_task(ws, 1, 0))
+    c, _ = started(FedLSCL, FedLSCLConfig(), ws, client=1)
+    env = c.env
     batch = next(c.task.train.batches(6))
     E = c.theta(batch.x)
     A, B = c.phi(E)
@@ -131,19 +116,15 @@ def test_adapted_vit_equals_frozen_at_init(ws):
 # -- Stage 2 -----------------------------------------------------------------------------------------
 
 def _drift_after_two_tasks(ws, continual: bool) -> float:
-    env = _env(ws)
-    torch.manual_seed(0)
     cfg = FedLSCLConfig(aggregation="none", continual_finetune=continual, lambda_e=10.0, lambda_w=10.0,
                         buffer_per_class=8)
-    c = FedLSCL(cfg, env).client(0)
-    env.epochs = 3
-    c.start_task(_task(ws, 0, 0))
-    c.train_round()
+    c, fed = started(FedLSCL, cfg, ws, dataclasses.replace(RUN, epochs=3))
+    c.train_round(round_info())
     c.end_task()
     old_theta = c.old[0]
     buffer = c.buffers[0]
-    c.start_task(_task(ws, 0, 1))
-    c.train_round()
+    c.start_task(fed.open_task(0, 1))
+    c.train_round(round_info(task=1))
     with torch.no_grad():
         batch = buffer.batch(np.arange(len(buffer)))
         c.theta.eval()
@@ -160,9 +141,8 @@ def test_stage2_keeps_old_features_closer(ws):
 
 def test_smoke_heterogeneous_uploads_are_phi_and_fs_only():
     cfg = _smoke_cfg(small_models=["resnet18", "mobilenetv3_large_100"])
-    ws_h = Workspace.create(cfg, progress=False)
-    res = run_method(FedLSCL, FedLSCLConfig(buffer_per_class=4), ws_h, log=lambda s: None, progress=False,
-                     flops="off")
+    ws_h = workspace(cfg)
+    res = run_method(FedLSCL, FedLSCLConfig(buffer_per_class=4), ws_h, cfg)
     assert len(res.metrics["acc"]) == cfg.tasks
     uploads = res.metrics["wire"]["client_uploads"]
     for manifest in uploads.values():
@@ -188,18 +168,15 @@ def test_smoke_heterogeneous_uploads_are_phi_and_fs_only():
 
 def test_collab_off_requires_one_arch(ws):
     cfg = _smoke_cfg(small_models=["resnet10t", "mobilenetv3_small_050"])
-    ws2 = dataclasses.replace(ws, cfg=cfg)
-    env = build_env(ws2, FedLSCL, lambda s: None, progress=False)
     with pytest.raises(ValueError, match="same"):
-        FedLSCL(FedLSCLConfig(collab=False), env)
+        federation(FedLSCL, FedLSCLConfig(collab=False), ws, cfg)
 
 
 @pytest.mark.parametrize("over", [dict(collab=False), dict(continual_finetune=False), dict(aggregation="fedavg"),
                                   dict(aggregation="none"), dict(target="qv", block=0),
                                   dict(o2d_solver="gradient", o2d_steps=5)])
 def test_ablation_switches_run(ws, over):
-    res = run_method(FedLSCL, FedLSCLConfig(buffer_per_class=2, **over), ws, log=lambda s: None, progress=False,
-                     flops="off")
+    res = run_method(FedLSCL, FedLSCLConfig(buffer_per_class=2, **over), ws, RUN)
     assert 0.0 <= res.metrics["final_acc"] <= 1.0
     names = set().union(*[set(m) for m in res.metrics["wire"]["client_uploads"].values()])
     assert not any(n.startswith(("head", "vit", "blocks")) for n in names)
@@ -213,23 +190,21 @@ def test_ablation_switches_run(ws, over):
 
 def test_stage1_and_stage2_survive_sets_that_leave_one_sample_over(ws):
     logs: list[str] = []
-    env = dataclasses.replace(build_env(ws, FedLSCL, logs.append, progress=False), batch_size=4)
-    c = FedLSCL(FedLSCLConfig(), env).client(0)
-    sc = ws.scenario
+    fed = federation(FedLSCL, FedLSCLConfig(), ws, dataclasses.replace(RUN, batch_size=4), log=logs.append)
+    c, env = fed.clients[0], fed.client_envs[0]
 
-    def task(t: int, n: int) -> Task:
-        idx = sc.train_indices[0][t][:n]
-        data = ClientData(ws.dataset.train, idx, "train", ws.foundation.preprocess, ws.device)
-        return Task(index=t, classes=list(sc.client_tasks[0][t]), seen_classes=sc.seen_classes(0, t), train=data)
+    def task(t: int, n: int):
+        full = fed.open_task(0, t)
+        return dataclasses.replace(full, train=full.train.subset(range(n)))
 
     c.start_task(task(0, env.batch_size + 1))   # Stage 1: batches of 4 + 1 without folding
-    c.train_round()
+    c.train_round(round_info())
     c.end_task()
     assert len(c.buffers[0]) == env.batch_size + 1
     assert not logs
     c.start_task(task(1, 1))                    # Stage 1 on one sample; Stage 2 on a buffer of 4 + 1
     bn = [b.clone() for n, b in c.theta.named_buffers() if n.endswith("running_mean")]
-    up = c.train_round()
+    up = c.train_round(round_info(task=1))
     assert torch.isfinite(up["phi.weight"]).all()
     assert all(torch.equal(a, b) for a, b in zip(bn, [b for n, b in c.theta.named_buffers()
                                                        if n.endswith("running_mean")]))

@@ -77,14 +77,14 @@ def _status(out, method):
 
 
 def test_a_completed_run_is_skipped_and_forced_reruns_run_again(suite_run, cli, smoke_opts, monkeypatch):
-    from fcl_bench import federation
+    from fcl_bench import workspace
 
     out, first = suite_run
     before = _status(out, "fedavg")
     assert before["state"] == "completed", first.output
     calls = []
-    real_create = federation.Workspace.create
-    monkeypatch.setattr(federation.Workspace, "create", lambda *a, **k: calls.append(1) or real_create(*a, **k))
+    real_create = workspace.Workspace.create
+    monkeypatch.setattr(workspace.Workspace, "create", lambda *a, **k: calls.append(1) or real_create(*a, **k))
     res = cli("run", "--methods", "fedavg", "--out", out, *smoke_opts)
     assert res.exit_code == 0, res.output
     assert "skip fedavg seed 42" in res.output and "--force" in res.output
