@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fcl_bench.api import Env, ScenarioInfo, Task
+from fcl_bench.api import ClientEnv, ScenarioInfo, Task
 from fcl_bench.data import ClientData, Preprocess, TensorSource
 from fcl_bench.methods.fedlscl import FedLSCLClient, FedLSCLConfig
-from fcl_bench.nn.cache import FeatureCache
+from fcl_bench.nn.cache import FeatureCache, FeatureView
 from fcl_bench.nn.foundation import FoundationModel, build_timm_vit
 from fcl_bench.nn.lora import adapted_forward, reference_lora_loop
 from fcl_bench.nn.small import build_small_model
@@ -75,9 +75,10 @@ def main() -> None:
     info = ScenarioInfo(num_classes=8, num_clients=1, num_tasks=1, rounds_per_task=1, client_tasks=[[classes]],
                         train_sizes=[[n]])
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    env = Env(scenario=info, device=dev, amp_dtype=amp, foundation=fm, features=cache,
-              make_small_model=lambda c: build_small_model(arch, width).to(dev), small_width=width,
-              small_archs=[arch], seed=0, batch_size=args.batch, epochs=1)
+    view = FeatureView(cache, "client 0", {"train": np.ones(n, dtype=bool)})
+    env = ClientEnv(scenario=info, device=dev, amp_dtype=amp, foundation=fm, features=view,
+                    _make_small=build_small_model, small_width=width, small_archs=[arch], seed=0,
+                    batch_size=args.batch, epochs=1, client_id=0)
     data = ClientData(source, np.arange(n), "train", pre, dev)
     batch = data.batch(np.arange(args.batch))
     _ = batch.x  # images on the device once, as an in-memory dataset would be
@@ -88,7 +89,7 @@ def main() -> None:
     for cached in (True, False):
         # Step time does not depend on lr; a small one keeps 20+ steps on one random-label batch finite
         # (at lr 1e-3 the generated LoRA factors of a random ViT-B grow until the loss overflows).
-        client = FedLSCLClient(FedLSCLConfig(prefix_cache=cached, lr=1e-5), env, 0)
+        client = FedLSCLClient(FedLSCLConfig(prefix_cache=cached, lr=1e-5), env)
         client.start_task(Task(index=0, classes=classes, seen_classes=classes, train=data))
         client._train_mode(True)
         cache.prefix(batch, 3)  # fill the cache for this batch once
