@@ -209,3 +209,19 @@ def test_stage1_and_stage2_survive_sets_that_leave_one_sample_over(ws):
     assert all(torch.equal(a, b) for a, b in zip(bn, [b for n, b in c.theta.named_buffers()
                                                        if n.endswith("running_mean")]))
     assert len(logs) == 1 and "one sample" in logs[0]
+
+
+# -- the averaging ablations start from one broadcast model ---------------------------------------------
+
+@pytest.mark.parametrize("over, part", [(dict(aggregation="fedavg"), "phi"), (dict(collab=False), "theta"),
+                                        (dict(), "phi")])
+def test_averaging_ablations_start_every_client_from_the_servers_initial_model(ws, over, part):
+    fed = federation(FedLSCL, FedLSCLConfig(**over), ws, RUN)
+    fed.start_task(0)
+    a, b = (getattr(fed.clients[c], part) for c in (0, 1))
+    same = all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    start_bytes = [r["bytes_down"] for r in fed.tally.rows if r["phase"] == "start"]
+    if over:  # averaged: one w_0 for everyone, sent over the wire
+        assert same and len(start_bytes) == fed.K and all(n > 0 for n in start_bytes)
+    else:  # O2D keeps each client's own generator: nothing is broadcast
+        assert not same and start_bytes == []

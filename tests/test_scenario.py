@@ -260,3 +260,41 @@ def test_scenario_table(small):
                               str(sum(map(len, sc.train_indices[c]))), str(sum(map(len, sc.test_indices[c])))]
     first = next(r for r in rows if r[:2] == ["0", "0"])
     assert first[6:] == [f"{k}:cls{k}" for k in sc.client_tasks[0][0]]
+
+
+# -- the server-held split -------------------------------------------------------------------------------
+
+def test_server_held_split_is_reserved_before_the_public_split(small, tmp_path):
+    import dataclasses
+
+    spec, train, test, plain = small
+    sc = build_scenario(dataclasses.replace(spec, server_per_class=3), train, test)
+    server = sc.server_indices
+    assert len(server) == 3 * spec.public and list(server) == sorted(server)
+    assert np.bincount(train[server], minlength=30)[sc.public_classes].tolist() == [3] * spec.public
+    assert set(train[server]) == set(sc.public_classes)  # public classes only
+    held = np.concatenate([ix for client in sc.train_indices for ix in client])
+    assert not np.isin(server, held).any()  # no client holds a server sample
+    # every other public sample still goes to some client, and class choice and task orders do not move
+    public_total = np.isin(train, sc.public_classes).sum()
+    assert np.isin(train[held], sc.public_classes).sum() == public_total - len(server)
+    assert sc.client_tasks == plain.client_tasks and sc.public_classes == plain.public_classes
+    # saved, hashed and loaded back; a scenario without one keeps its hash and has no "server" key
+    sc.save(tmp_path / "s.json")
+    back = Scenario.load(tmp_path / "s.json")
+    assert np.array_equal(back.server_indices, server) and back.hash == sc.hash != plain.hash
+    assert "server" not in json.loads(plain.to_json()) and "server_per_class" not in plain.spec.to_dict()
+    edited = json.loads(sc.to_json())
+    edited["server"][0] += 1
+    with pytest.raises(ScenarioError, match="hash mismatch"):
+        Scenario.from_json(json.dumps(edited))
+
+
+def test_server_split_larger_than_a_public_class_is_a_clear_error(small):
+    import dataclasses
+
+    spec, train, test, _ = small
+    with pytest.raises(ScenarioError, match="lower server_per_class"):
+        build_scenario(dataclasses.replace(spec, server_per_class=1000), train, test)
+    with pytest.raises(ScenarioError, match="public is 0"):
+        dataclasses.replace(spec, public=0, private=10, server_per_class=2).validate()
