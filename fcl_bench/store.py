@@ -130,7 +130,8 @@ def load_runs(root: Path, include_failed: bool = True) -> pd.DataFrame:
         if rec.is_complete():
             m = read_json(rec.path / "metrics.json")
             row.update({k: m[k] for k in ("final_acc", "avg_incremental_acc", "forgetting", "bwt", "bytes_up",
-                                          "bytes_down", "client_flops", "wall_seconds") if k in m})
+                                          "bytes_down", "client_flops", "server_flops", "server_seconds",
+                                          "wall_seconds") if k in m})
             row["acc"] = m.get("acc")
             row["metrics_client"] = m.get("spaces", {}).get("client")
             row["metrics_global"] = m.get("spaces", {}).get("global")

@@ -165,3 +165,18 @@ def test_participants_are_seeded_distinct_and_vary_by_round():
     assert participants(10, 0.3, 7, 1, 2) == participants(10, 0.3, 7, 1, 2)
     assert participants(4, 1.0, 7, 0, 0) == (0, 1, 2, 3)
     assert participants(4, 0.01, 7, 0, 0).__len__() == 1  # at least one client trains
+
+
+@pytest.mark.parametrize("name", ["fedlscl", "fedvit", "l2p"])
+def test_client_flops_do_not_depend_on_which_run_filled_the_cache(name, ws):
+    from fcl_bench.nn.cache import FeatureCache
+
+    cls = registry.get_method(name)
+    fresh = dataclasses.replace(ws, features=FeatureCache(ws.foundation, {"train": ws.dataset.train,
+                                                                          "test": ws.dataset.test},
+                                                          ws.dataset.fingerprint))
+    first = federation(cls, cls.Config(), fresh, RUN, flops="sampled").run().metrics
+    second = federation(cls, cls.Config(), fresh, RUN, flops="sampled").run().metrics
+    assert first["cache_fill"]["samples"] > 0 and first["cache_fill"]["flops"] > 0  # counted apart
+    assert second["cache_fill"]["samples"] == 0
+    assert first["client_flops"] == second["client_flops"] > 0

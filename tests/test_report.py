@@ -149,7 +149,9 @@ def test_summary_values_equal_stored_metrics(tree, report):
               "client/forgetting": 100 * m["spaces"]["client"]["forgetting"],
               "global/BWT": 100 * m["spaces"]["global"]["bwt"],
               "cost/MB up/client": m["bytes_up"] / k / 1e6, "cost/MB down/client": m["bytes_down"] / k / 1e6,
-              "cost/TFLOPs/client": m["client_flops"] / k / 1e12, "cost/wall s": m["wall_seconds"]}
+              "cost/TFLOPs/client": m["client_flops"] / k / 1e12, "cost/wall s": m["wall_seconds"],
+              "cost/server TFLOPs": m["server_flops"] / 1e12, "cost/server s": m["server_seconds"]}
+    assert m["server_seconds"] > 0 and m["server_flops"] is not None  # the server's cost is measured
     for col, v in expect.items():
         assert csv.at["fedavg-lr1", f"{col}/mean"] == pytest.approx(v, rel=1e-12), col
 

@@ -48,7 +48,8 @@ def load_results(root: str | Path) -> pd.DataFrame:
 
     Columns of :func:`fcl_bench.store.load_runs` plus ``name`` (the table row: the label, prefixed by
     ``suite/`` when one label occurs in several suites), ``clients``, ``tasks``, ``mb_up_per_client``,
-    ``mb_down_per_client``, ``mb_per_client`` (up + down), ``tflops_per_client`` and ``group`` (scenario
+    ``mb_down_per_client``, ``mb_per_client`` (up + down), ``tflops_per_client``, ``server_tflops`` (the
+    server's compute over the run, NaN for runs recorded before it was measured) and ``group`` (scenario
     group, 1-based; NaN for runs that did not complete).
     """
     root = Path(root)
@@ -68,6 +69,10 @@ def load_results(root: str | Path) -> pd.DataFrame:
     df["mb_down_per_client"] = df["bytes_down"].astype(float) / per_client / 1e6
     df["mb_per_client"] = df["mb_up_per_client"] + df["mb_down_per_client"]
     df["tflops_per_client"] = df["client_flops"].astype(float) / per_client / 1e12
+    for col in ("server_flops", "server_seconds"):
+        if col not in df:
+            df[col] = np.nan
+    df["server_tflops"] = df["server_flops"].astype(float) / 1e12
     df["group"] = assign_scenario_groups(df)
     df["global_space_applicable"] = [_global_applicable(m, meth) for m, meth in zip(df["metrics"], df["method"])]
     order = {n: i for i, n in enumerate(order_names(df))}
@@ -275,6 +280,8 @@ _SUMMARY_ACC = [("final_acc", "final acc", "max"), ("avg_incremental_acc", "avg 
 _SUMMARY_COST = [("mb_up_per_client", "MB up/client", "min", ".3g"),
                  ("mb_down_per_client", "MB down/client", "min", ".3g"),
                  ("tflops_per_client", "TFLOPs/client", "min", ".3g"),
+                 ("server_tflops", "server TFLOPs", "min", ".3g"),
+                 ("server_seconds", "server s", "min", ".2f"),
                  ("wall_seconds", "wall s", "min", ".1f")]
 
 
@@ -293,7 +300,8 @@ def summary_table(df: pd.DataFrame, dataset: str) -> Table:
             better[("cost", col)], fmt[("cost", col)] = b, f
     rows = order_names(sub)
     title = (f"Summary on {dataset}: accuracies in % (client space: classes the client has seen; global "
-             "space: classes any client has seen); MB and TFLOPs per client, totals over the run")
+             "space: classes any client has seen); MB and TFLOPs per client and the server's TFLOPs and "
+             "seconds, totals over the run")
     t = aggregate(pd.DataFrame(recs), rows, title, better=better, fmt=fmt, text=seeds_text(sub, rows))
     return mark_global_not_applicable(t, sub, header="global")
 
