@@ -73,3 +73,18 @@ def test_a_built_wheel_holds_no_top_level_methods_or_datasets(tmp_path):
     for module in ("fcl_bench/methods/fedavg.py", "fcl_bench/datasets/synthetic.py", "fcl_bench/wire.py",
                    "fcl_bench/suites/table1.json"):
         assert module in names
+
+
+def test_no_harness_module_imports_a_method():
+    """The harness (fcl_bench/) never depends on a method module; only the registry loads them by name."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "fcl_bench"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if any(n == "fcl_bench.methods" or n.startswith("fcl_bench.methods.") for n in names):
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, offenders
