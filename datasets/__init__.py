@@ -40,6 +40,7 @@ class DatasetEntry:
     description: str
     needs_root: bool
     how_to_get: str
+    writes_root: bool = False  # the loader writes into its root (a generated dataset's cache)
 
 
 DATASETS: dict[str, DatasetEntry] = {}
@@ -75,15 +76,31 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
 
 def check_dataset(name: str, root: str | Path | None = None, download: bool = False) -> None:
     """The cheap checks of :func:`load_dataset`, without loading anything: a registered name, a data root
-    where one is needed, and a root that exists unless ``download`` may create it."""
+    where one is needed, a root that is a folder, that exists unless ``download`` may create it, and that
+    is writable when the loader would write into it (a download, a generated dataset's first use)."""
+    import os
+
     entry = DATASETS.get(name.strip().lower())
     if entry is None:
         raise DatasetError(f"unknown dataset {name!r}; available datasets: {', '.join(available_datasets())}")
     path = Path(root).expanduser() if root is not None and str(root) != "" else None
     if entry.needs_root and path is None:
         raise DatasetError(f"dataset {entry.name!r} needs a data root (--data-root DIR). {entry.how_to_get}")
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise DatasetError(f"--data-root {path} is a file; give the folder that holds (or will hold) the "
+                           f"{entry.name} files")
     if entry.needs_root and not download and not path.exists():
         raise DatasetError(f"dataset {entry.name!r}: no folder at {path}. {entry.how_to_get}")
+    writes = download or (entry.writes_root and not (path.is_dir() and any(path.glob("*.safetensors"))))
+    if writes:
+        probe = path
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+            raise DatasetError(f"--data-root {path}: {probe} is not a writable folder, and dataset "
+                               f"{entry.name!r} must write its files there; choose a writable --data-root")
 
 
 def _lazy(module: str, function: str, **fixed) -> Loader:
@@ -159,4 +176,5 @@ register_dataset(DatasetEntry(
     "Procedurally generated images, offline and deterministic by seed (the default)",
     needs_root=False,
     how_to_get="Nothing to get: the images are generated from the seed.",
+    writes_root=True,
 ))

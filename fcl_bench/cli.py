@@ -4,24 +4,71 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
 from fcl_bench import config as C
+from fcl_bench.paths import click_path
 
 
 class UserError(click.ClickException):
-    """Printed as ``Error: ...`` without a traceback."""
+    """Printed as ``Error: ...`` without a traceback; exit status 2, like click's own usage errors."""
+
+    exit_code = 2
 
 
 def _user_errors():
     from fcl_bench.datasets import DatasetError
     from fcl_bench.executor import PlanError
     from fcl_bench.nn.foundation import FoundationError
+    from fcl_bench.paths import PathError
     from fcl_bench.registry import RegistryError
     from fcl_bench.scenario import ScenarioError
+    from fcl_bench.suites import SuiteError
 
-    return (C.ConfigError, RegistryError, DatasetError, ScenarioError, FoundationError, PlanError)
+    return (C.ConfigError, RegistryError, DatasetError, ScenarioError, FoundationError, PlanError, PathError,
+            SuiteError)
+
+
+MAX_SEED = 2**32 - 1
+
+
+def _os_error(e: OSError) -> str:
+    name = e.filename if e.filename is not None else ""
+    shown = (name[:60] + "...") if isinstance(name, str) and len(name) > 60 else name
+    return f"{shown}: {e.strerror or e}; check the path"
+
+
+def _parse_seeds(text: str | None, default: int) -> list[int]:
+    """``--seeds 42,1999`` -> [42, 1999]; empty items, non-integers, negatives and huge values are errors."""
+    if text is None:
+        return [default]
+    items = [s.strip() for s in text.split(",")]
+    if not any(items):
+        raise C.ConfigError(f"--seeds {text!r} names no seed; give comma-separated integers, e.g. --seeds 42,1999")
+    out = []
+    for s in items:
+        if not s:
+            continue
+        try:
+            v = int(s)
+        except ValueError:
+            raise C.ConfigError(f"--seeds must be comma-separated integers, got {s!r} in {text!r}") from None
+        if not 0 <= v <= MAX_SEED:
+            raise C.ConfigError(f"--seeds: {v} is out of range; seeds are integers in 0..{MAX_SEED}")
+        out.append(v)
+    return list(dict.fromkeys(out))
+
+
+def _parse_methods(text: str, available: list[str]) -> list[str]:
+    if text.strip() == "all":
+        return available
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise C.ConfigError(f"--methods {text!r} names no method; give comma-separated names or 'all' "
+                            f"(available: {', '.join(available)})")
+    return list(dict.fromkeys(names))
 
 
 def _build_run_config(preset: str, run_over: dict[str, str], **cli) -> C.RunConfig:
@@ -71,15 +118,15 @@ def common(f):
 @click.option("--methods", default="all", show_default=True, help="comma-separated method names, or 'all'")
 @common
 @click.option("--seeds", default=None, help="comma-separated seeds (default: the preset's seed)")
-@click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="results", show_default=True, type=click_path(file_okay=False))
 @click.option("--suite", "suite", default=None,
               help="run a suite (a name from `fcl-bench list suites` or a JSON file) instead of --methods")
 @click.option("--device", default=None, help="auto, cpu or cuda[:N]")
-@click.option("--plugin", "plugins", multiple=True, type=click.Path(dir_okay=False),
+@click.option("--plugin", "plugins", multiple=True, type=click_path(dir_okay=False),
               help="a Python file defining Method subclasses; repeatable")
 @click.option("--flops", default="sampled", show_default=True, type=click.Choice(["sampled", "all", "off"]),
               help="FLOP counting: first round of each task per client (sampled), every round, or none")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
+@click.option("--threads", type=click.IntRange(min=1, max=1024), default=None,
               help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy machine)")
 @click.option("--force", is_flag=True, help="re-run runs that already completed")
 @click.option("--keep-checkpoints", is_flag=True,
@@ -90,26 +137,25 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
     """Run methods (or a suite) on a preset; results go to OUT/SUITE/LABEL/DATASET/seedK/, where SUITE is the
     suite's name or, for plain runs, the preset's."""
     from fcl_bench import registry
+    from fcl_bench.paths import check_writable_dir
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
     try:
+        check_writable_dir(out, "--out")
         for p in plugins:
             registry.load_plugin_file(p)
         run_over, meth_over = C.split_overrides(overrides)
-        names = registry.available_methods() if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+        names = _parse_methods(methods, registry.available_methods()) if suite is None else []
         classes = {n: registry.get_method(n) for n in names}
         for m in meth_over:
-            if m not in classes:
+            if suite is None and m not in classes:
                 raise C.ConfigError(f"override for '{m}', which is not among the methods run ({', '.join(names)})")
         base = _build_run_config(preset, run_over, dataset=dataset, data_root=data_root, download=download,
                                  foundation=foundation, foundation_weights=foundation_weights, device=device)
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()] if seeds else [base.seed]
-        except ValueError:
-            raise C.ConfigError(f"--seeds must be comma-separated integers, got '{seeds}'") from None
+        seed_list = _parse_seeds(seeds, base.seed)
         if suite is not None:
             from fcl_bench.suites import load_suite
 
@@ -134,12 +180,8 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
         raise UserError(str(e)) from None
     except ValueError as e:
         raise UserError(str(e)) from None
-    except Exception as e:  # suite files and the like
-        from fcl_bench.suites import SuiteError
-
-        if isinstance(e, SuiteError):
-            raise UserError(str(e)) from None
-        raise
+    except OSError as e:  # a path the system refuses (a name too long, a loop of links)
+        raise UserError(_os_error(e)) from None
     if not execute(specs):
         sys.exit(1)
 
@@ -165,7 +207,7 @@ def execute(specs) -> bool:
     except _user_errors() as e:  # bad data or protocol: every run would fail the same way
         raise UserError(str(e)) from None
     _print_summary(summary)
-    failed = [s for s in summary if s["state"] != "completed"]
+    failed = [s for s in summary if s["state"] not in ("completed", "skipped")]
     if failed:
         click.echo(f"{len(failed)} of {len(summary)} runs failed: " +
                    "; ".join(f"{s['method']} seed {s['seed']}: {s['reason']}" for s in failed), err=True)
@@ -188,7 +230,7 @@ def _print_summary(rows: list[dict]) -> None:
 
 @main.command("list")
 @click.argument("what", required=False, type=click.Choice(["methods", "datasets", "presets", "suites"]))
-@click.option("--plugin", "plugins", multiple=True, type=click.Path(dir_okay=False))
+@click.option("--plugin", "plugins", multiple=True, type=click_path(dir_okay=False))
 def list_(what, plugins):
     """List methods, datasets, presets and suites."""
     from fcl_bench import registry
@@ -199,6 +241,8 @@ def list_(what, plugins):
             registry.load_plugin_file(p)
     except _user_errors() as e:
         raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(_os_error(e)) from None
     if what in (None, "methods"):
         click.echo("methods:")
         for n in registry.available_methods():
@@ -225,20 +269,36 @@ def list_(what, plugins):
 @main.command()
 @common
 @click.option("--seed", type=int, default=None)
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False), help="write the scenario JSON")
+@click.option("--json", "json_path", default=None, type=click_path(dir_okay=False), help="write the scenario JSON")
 def scenario(preset, dataset, data_root, download, foundation, foundation_weights, overrides, seed, json_path):
     """Print the per-client scenario table of a preset (and write its JSON)."""
+    from fcl_bench.datasets import check_dataset
+    from fcl_bench.paths import check_writable_dir
     from fcl_bench.scenario import scenario_table
     from fcl_bench.workspace import load_data, make_scenario
 
     try:
-        run_over, _ = C.split_overrides(overrides)
+        run_over, meth_over = C.split_overrides(overrides)
+        if meth_over:
+            raise C.ConfigError(f"scenario takes run overrides only; {', '.join(meth_over)} override(s) "
+                                "configure methods (use them with `fcl-bench run`)")
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise C.ConfigError(f"--seed {seed} is out of range; seeds are integers in 0..{MAX_SEED}")
+        if json_path is not None:
+            check_writable_dir(Path(json_path).parent if str(json_path).strip() else "", "--json")
+            if Path(json_path).is_dir():
+                raise C.ConfigError(f"--json {json_path} is a folder; give a file name, e.g. scenario.json")
         cfg = _build_run_config(preset, run_over, dataset=dataset, data_root=data_root, download=download,
                                 foundation=foundation, foundation_weights=foundation_weights, seed=seed)
+        check_dataset(cfg.dataset, cfg.data_root, cfg.download)
         _, ds = load_data(cfg.workspace())
         sc = make_scenario(cfg.workspace(), ds)
     except _user_errors() as e:
         raise UserError(str(e)) from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:  # a path the system refuses (a name too long, a loop of links)
+        raise UserError(_os_error(e)) from None
     click.echo(scenario_table(sc, ds.classes))
     if json_path:
         sc.save(json_path)
@@ -256,8 +316,14 @@ def pretrain(seed, force, device, quiet):
     from fcl_bench.nn.pretrain import pretrain_tiny_vit
     from fcl_bench.workspace import resolve_device
 
+    try:
+        if not 0 <= seed <= MAX_SEED:
+            raise C.ConfigError(f"--seed {seed} is out of range; seeds are integers in 0..{MAX_SEED}")
+        dev = resolve_device(device)
+    except (C.ConfigError, ValueError) as e:
+        raise UserError(str(e)) from None
     ds = load_dataset("synthetic")
-    _, report = pretrain_tiny_vit(ds, seed=seed, force=force, progress=not quiet, device=resolve_device(device))
+    _, report = pretrain_tiny_vit(ds, seed=seed, force=force, progress=not quiet, device=dev)
     for k in ("probe_acc_pretrained", "probe_acc_random_init", "train_seconds", "images_per_second", "epochs"):
         if k in report:
             click.echo(f"{k}: {report[k]}")

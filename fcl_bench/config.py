@@ -65,6 +65,12 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def normalised(self) -> RunConfig:
+        """The same config with names in their canonical spelling (``SYNTHETIC`` -> ``synthetic``), so one
+        dataset never gets two results trees."""
+        name = self.dataset.strip().lower() if isinstance(self.dataset, str) else self.dataset
+        return self if name == self.dataset else dataclasses.replace(self, dataset=name)
+
     def workspace(self) -> WorkspaceConfig:
         """The data/protocol sub-config: runs with equal ones share a workspace."""
         return WorkspaceConfig(**{f.name: getattr(self, f.name) for f in fields(WorkspaceConfig)})
@@ -82,6 +88,8 @@ class RunConfig:
                          server_per_class=self.server_per_class).validate()
         except ScenarioError as e:
             raise ConfigError(str(e)) from None
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"seed {self.seed} is out of range; seeds are integers in 0..{2**32 - 1}")
         if not (0 < self.participation <= 1):
             raise ConfigError(f"participation is the fraction of clients that train in a round, in (0, 1]; "
                               f"got {self.participation}")
@@ -153,7 +161,7 @@ PRESET_HELP = {
 def preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset '{name}'; valid presets: {', '.join(PRESETS)}")
-    cfg = RunConfig(**PRESETS[name])
+    cfg = RunConfig(**PRESETS[name]).normalised()
     cfg.validate()
     return cfg
 
@@ -205,6 +213,9 @@ def apply_overrides(obj: Any, overrides: dict[str, str], what: str) -> Any:
             raise ConfigError(f"unknown {what} key '{key}'; valid keys: {', '.join(valid)}")
         changes[key] = _parse(value, hints[key], f"{what}.{key}")
     out = dataclasses.replace(obj, **changes)
+    normalised = getattr(out, "normalised", None)
+    if callable(normalised):
+        out = normalised()
     validate = getattr(out, "validate", None)
     if callable(validate):
         validate()

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from fcl_bench import config as C
-from fcl_bench.store import RunRecord, read_json, run_dir, write_json
+from fcl_bench.paths import PathError
+from fcl_bench.store import RunRecord, run_dir, write_json
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -110,9 +111,14 @@ def summary_row(spec: RunSpec, rec: RunRecord) -> dict:
     row = {"method": spec.label, "seed": spec.seed, "state": st.get("state"), "reason": st.get("reason", ""),
            "path": str(rec.path)}
     if rec.is_complete():
-        m = read_json(rec.path / "metrics.json")
-        row.update(final_acc=m["final_acc"], avg_inc=m["avg_incremental_acc"], forgetting=m["forgetting"],
-                   mb_up=m["bytes_up"] / 1e6, mb_down=m["bytes_down"] / 1e6, seconds=m["wall_seconds"])
+        m = rec.read("metrics.json")
+
+        def num(key: str, scale: float = 1.0) -> float:
+            v = m.get(key)
+            return float(v) / scale if isinstance(v, (int, float)) else float("nan")
+
+        row.update(final_acc=num("final_acc"), avg_inc=num("avg_incremental_acc"), forgetting=num("forgetting"),
+                   mb_up=num("bytes_up", 1e6), mb_down=num("bytes_down", 1e6), seconds=num("wall_seconds"))
     return row
 
 
@@ -139,17 +145,42 @@ def run_one(spec: RunSpec, echo: Callable[[str], None] | None = None, err: Calla
     (``None``: silent), ``err`` failure lines. Exceptions in ``user_errors`` raised while building the
     workspace are re-raised after the failure is recorded (the CLI stops the plan: every run would fail)."""
     from fcl_bench import registry
-    from fcl_bench.federation import Federation
-    from fcl_bench.workspace import describe
 
     echo = echo or (lambda line: None)
     err = err or echo
     for p in spec.plugins:
         registry.load_plugin_file(p)
-    rec = RunRecord(spec.path)
+    rec = RunRecord(spec.path, root=Path(spec.out))
     if rec.is_complete() and not spec.force:
         echo(f"skip {spec.label} seed {spec.seed}: completed in {rec.path} (use --force to re-run)")
         return summary_row(spec, rec)
+    try:
+        holder = rec.try_lock()
+    except PathError as e:  # a run folder that resolves outside --out: nothing is written there
+        err(f"FAILED {spec.label} seed {spec.seed}: {e}")
+        return {"method": spec.label, "seed": spec.seed, "state": "failed", "reason": str(e), "path": str(rec.path)}
+    if holder is not None:  # one writer per run folder
+        who = f"pid {holder}" if holder > 0 else "another process"
+        echo(f"skip {spec.label} seed {spec.seed}: running in {who} ({rec.path})")
+        return {**summary_row(spec, rec), "state": "skipped", "reason": f"running in {who}"}
+    try:
+        return _run_locked(spec, rec, echo, err, user_errors)
+    finally:
+        rec.unlock()
+
+
+def _run_locked(spec: RunSpec, rec: RunRecord, echo: Callable[[str], None], err: Callable[[str], None],
+                user_errors: tuple[type[BaseException], ...]) -> dict:
+    from fcl_bench import registry
+    from fcl_bench.federation import Federation
+    from fcl_bench.workspace import describe
+
+    if rec.is_complete() and not spec.force:  # completed by the lock's previous holder meanwhile
+        echo(f"skip {spec.label} seed {spec.seed}: completed in {rec.path} (use --force to re-run)")
+        return summary_row(spec, rec)
+    damage = rec.damage()
+    if damage:
+        echo(f"run folder {rec.path}: {damage}; running it again")
     cls = registry.get_method(spec.method)
     mcfg = C.apply_overrides(cls.Config(), spec.method_overrides, cls.name)
     t0 = time.perf_counter()
@@ -162,11 +193,7 @@ def run_one(spec: RunSpec, echo: Callable[[str], None] | None = None, err: Calla
             echo(line)
 
     try:
-        try:
-            ws = workspace_for(spec.run, progress=not spec.quiet)
-        except user_errors as e:  # bad data or protocol: every run would fail the same way
-            rec.fail(f"{type(e).__name__}: {e}", time.perf_counter() - t0)
-            raise
+        ws = workspace_for(spec.run, progress=not spec.quiet)
         log(f"== {spec.label} ({spec.method}) on {spec.run.dataset}, seed {spec.seed}, "
             f"scenario {ws.scenario.short_hash}")
         ws.scenario.save(rec.path / "scenario.json")
@@ -193,7 +220,8 @@ def run_one(spec: RunSpec, echo: Callable[[str], None] | None = None, err: Calla
     except KeyboardInterrupt:
         rec.fail("interrupted", time.perf_counter() - t0)
         raise
-    except user_errors:
+    except user_errors as e:  # recorded, then the plan stops: every run would fail the same way
+        rec.fail(f"{type(e).__name__}: {e}", time.perf_counter() - t0)
         raise
     except Exception as e:  # one failed run never aborts the suite
         reason = f"{type(e).__name__}: {e}"

@@ -16,6 +16,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from fcl_bench.api import Method
+from fcl_bench.paths import PathError, check_token
 
 BUILTIN_MODULES = ["fedavg", "fedprox", "fedvit", "l2p", "dualprompt", "fedlscl"]
 ENTRY_POINT_GROUP = "fcl_bench.methods"
@@ -39,6 +40,10 @@ def register(cls: type[Method]) -> type[Method]:
         raise RegistryError(f"method class {cls.__name__} needs a non-empty string 'name'")
     if "." in name or "," in name or "=" in name:
         raise RegistryError(f"method name '{name}' may not contain '.', ',' or '='")
+    try:  # the name becomes a results folder
+        check_token(name, "method name")
+    except PathError as e:
+        raise RegistryError(f"method class {cls.__name__}: {e}") from None
     existing = _REGISTRY.get(name)
     # the same class loaded again (a plugin file imported twice) replaces itself; another class may not
     same = existing is not None and (existing.__module__, existing.__qualname__) == (cls.__module__, cls.__qualname__)
@@ -101,6 +106,9 @@ def load_plugin_file(path: str | Path) -> list[str]:
         raise RegistryError(f"--plugin: no file at {path}")
     mod_name = f"fcl_bench_plugin_{path.stem}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise RegistryError(f"--plugin {path}: not a Python source file; give a .py file defining Method "
+                            "subclasses")
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
     try:

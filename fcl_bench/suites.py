@@ -24,13 +24,13 @@ Unknown keys anywhere are a :class:`SuiteError` naming the key and the valid one
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fcl_bench import config as C
+from fcl_bench.paths import PathError, check_token
 
 
 class SuiteError(ValueError):
@@ -40,7 +40,8 @@ class SuiteError(ValueError):
 _SUITE_KEYS = {"name", "description", "runs"}
 _RUN_KEYS = {"label", "method", "overrides", "run_overrides", "sweep"}
 _SWEEP_KEYS = {"key", "values"}
-_LABEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+# machine-specific paths and switches: set on the command line, never by a suite file
+_MACHINE_KEYS = ("data_root", "download", "foundation_weights", "device")
 _Scalar = (str, int, float, bool)
 
 
@@ -109,6 +110,10 @@ def _entry(label: str, method: str, overrides: dict[str, str],
 def _check_plan(plan: list[dict[str, Any]], suite: Suite, method_configs: Mapping[str, type] | None) -> None:
     seen: set[str] = set()
     for p in plan:
+        try:  # a swept value becomes part of the label, and the label a folder
+            check_token(p["label"], "label")
+        except PathError as e:
+            raise SuiteError(f"suite '{suite.name}' ({suite.source}): {e}") from None
         if p["label"] in seen:
             raise SuiteError(f"suite '{suite.name}' ({suite.source}): label '{p['label']}' is used by two "
                              "runs; labels name result folders and must be unique")
@@ -163,9 +168,10 @@ def parse_suite(data: Any, source: str = "<data>") -> Suite:
     where = f"suite {source}"
     _check_keys(data, _SUITE_KEYS, where, required=("name", "runs"))
     name = data["name"]
-    if not isinstance(name, str) or not _LABEL_RE.match(name):
-        raise SuiteError(f"{where}: 'name' must be a non-empty string of letters, digits, _ . + -; "
-                         f"got {name!r}")
+    try:
+        check_token(name, "'name'")
+    except PathError as e:
+        raise SuiteError(f"{where}: {e}") from None
     description = data.get("description", "")
     if not isinstance(description, str):
         raise SuiteError(f"{where}: 'description' must be a string")
@@ -203,9 +209,11 @@ def _parse_run(obj: Any, where: str) -> SuiteRun:
             raise SuiteError(f"{where}: method \"all\" takes no {', '.join(extra)} (each method runs with "
                              "its defaults, labelled by its name); list methods one by one instead")
     if label is not None:
-        if not isinstance(label, str) or not _LABEL_RE.match(label.replace("{value}", "0")):
+        try:
+            check_token(label.replace("{value}", "0") if isinstance(label, str) else label, "label")
+        except PathError:
             raise SuiteError(f"{where}: label {label!r} may hold only letters, digits, _ . + - "
-                             "(and {value})")
+                             "(and {value}), starting with a letter, digit or _") from None
         if sweep is not None and "{value}" not in label:
             raise SuiteError(f"{where}: a sweep's label must contain {{value}} so each run gets its "
                              "own label")
@@ -228,6 +236,11 @@ def _parse_values(obj: Any, where: str) -> dict[str, Any]:
 def _check_run_overrides(run_overrides: dict[str, Any], where: str) -> None:
     if "seed" in run_overrides:
         raise SuiteError(f"{where}: run_overrides may not set 'seed'; seeds come from --seeds")
+    machine = [k for k in _MACHINE_KEYS if k in run_overrides]
+    if machine:
+        raise SuiteError(f"{where}: run_overrides may not set {', '.join(machine)}: paths and devices belong "
+                         f"to the machine; give them on the command line (--data-root, --download, "
+                         "--foundation-weights, --device)")
     try:
         C.apply_overrides(C.RunConfig(), {k: _to_override(v) for k, v in run_overrides.items()}, "run")
     except C.ConfigError as e:

@@ -74,12 +74,32 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a corrupt or foreign file: say which and why
-        raise FoundationError(f"could not read weights from {path}: {e}") from None
+        raise FoundationError(f"could not read weights from {path}: not a readable safetensors file or torch "
+                              f"state dict ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FoundationError(f"weights file {path} holds a {type(state).__name__}, not a state dict of tensors")
     return state
+
+
+def check_weights_format(path: str | Path) -> None:
+    """A cheap look at a weights file's first bytes: a safetensors header, a torch zip archive or a legacy
+    torch pickle; anything else (a text file, an image) is a :class:`FoundationError` before any run."""
+    path = Path(path)
+    if not path.is_file():
+        raise FoundationError(f"--foundation-weights: no file at {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        ok = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # torch.save: zip; legacy: pickle protocol
+        if not ok and len(head) == 8:  # safetensors: 8-byte header length, then a JSON object
+            n = int.from_bytes(head, "little")
+            ok = 2 <= n <= 100_000_000 and f.read(1) == b"{"
+    if not ok:
+        raise FoundationError(f"--foundation-weights {path} is neither a safetensors file nor a torch state dict "
+                              "(torch.save); convert it, e.g. with safetensors.torch.save_file(state_dict, path)")
 
 
 def build_timm_vit(name: str, weights: str | Path | None, pretrained: bool) -> tuple[nn.Module, dict]:
@@ -164,5 +184,5 @@ def check_foundation(name: str, weights: str | None) -> None:
     """Fail early (:class:`FoundationError`) for an unknown model or a missing weights file."""
     if name != "tiny":
         _meta_timm_vit(name)
-    if weights is not None and not Path(weights).is_file():
-        raise FoundationError(f"--foundation-weights: no file at {weights}")
+    if weights is not None:
+        check_weights_format(weights)

@@ -26,6 +26,7 @@ from pathlib import Path
 import click
 import pandas as pd
 
+from fcl_bench.paths import click_path
 from fcl_bench.report.tables import (
     ReportError,
     Table,
@@ -167,15 +168,21 @@ def _failed_section(df: pd.DataFrame) -> list[str]:
 
 
 @click.command("report")
-@click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", default=None, type=click.Path(file_okay=False),
+@click.argument("results_dir", type=click_path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click_path(file_okay=False),
               help="output folder (default: RESULTS_DIR/report)")
 def report_command(results_dir: str, out: str | None) -> None:
     """Tables (Markdown, CSV, LaTeX) and plots (PNG, PDF) of the runs under RESULTS_DIR."""
+    from fcl_bench.paths import PathError, check_writable_dir
+
     try:
+        if out is not None:
+            check_writable_dir(out, "--out")
         files = write_report(results_dir, out)
-    except ReportError as e:
-        raise click.ClickException(str(e)) from None
+    except (ReportError, PathError, OSError) as e:
+        err = click.ClickException(str(e) if not isinstance(e, OSError) else f"{e.strerror or e}; check the path")
+        err.exit_code = 2  # a user error, like click's own usage errors
+        raise err from None
     click.echo(f"report:  {files.markdown}")
     click.echo(f"tables:  {len(files.tables)} files in {files.markdown.parent / 'tables'}")
     for p in files.tables:
