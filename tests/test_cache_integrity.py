@@ -277,3 +277,26 @@ def test_concurrent_first_use_builds_each_cache_once(tmp_path, monkeypatch):
     _, report = pretrain_tiny_vit(data, cache_dir=root, config=TINY_CFG, progress=False, probe=False)
     assert outs[0][0] == data.fingerprint and outs[0][2] == report["weights_sha256"]
     assert not list(root.rglob("*.tmp"))              # no temporary files left behind
+
+
+def test_a_killed_builder_leaves_no_stale_lock(tmp_path):
+    """The kernel drops a ``flock`` with its process: a builder killed while it holds the lock blocks nobody."""
+    import signal
+
+    from fcl_bench.disk_cache import cache_lock
+
+    path = tmp_path / "cache.safetensors"
+    code = ("import sys, time; from pathlib import Path; from fcl_bench.disk_cache import cache_lock\n"
+            "with cache_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+    finally:
+        holder.kill()
+    done = subprocess.run([sys.executable, "-c", code.replace("time.sleep(60)", "pass"), str(path)],
+                          capture_output=True, text=True, timeout=10)
+    assert done.stdout.strip() == "locked" and "waiting" not in done.stderr
+    with cache_lock(path):              # and in this process too
+        assert (tmp_path / "cache.safetensors.lock").is_file()
