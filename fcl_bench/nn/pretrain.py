@@ -315,7 +315,9 @@ def pretrain_tiny_vit(dataset: Dataset, cache_dir: str | Path | None = None, see
     """Pretrain the tiny ViT on ``dataset.pretrain`` (cached); returns ``(vit in eval mode, report)``.
 
     ``epochs`` overrides ``config.epochs``. With ``probe`` the report holds :func:`linear_probe` accuracies on
-    the FCL classes of the pretrained model and of the same architecture at its (seeded) random init.
+    the FCL classes of the pretrained model and of the same architecture at its (seeded) random init. The
+    report also holds ``weights_sha256``, checked on every load (see the module docstring); ``force``
+    pretrains again even over a sound cache.
     """
     if dataset.pretrain is None:
         raise ValueError(f"dataset {dataset.name!r} has no pretraining classes; use the 'synthetic' dataset")
