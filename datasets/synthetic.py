@@ -27,8 +27,13 @@ multinomial linear probe on per-image mean colour over the 100 FCL classes is fa
 
 Rendering is vectorised over chunks of images in torch (signed distance functions with one pixel of
 anti-aliasing); per-sample parameters come from a numpy ``Generator`` seeded by ``seed``. The arrays are
-cached as uint8 safetensors under ``$FCL_BENCH_CACHE/synthetic`` (default ``~/.cache/fcl-bench``), keyed by
-generator version, seed and sizes; writes are atomic and a corrupt file is regenerated.
+cached as uint8 safetensors under ``$FCL_BENCH_CACHE/synthetic`` (default ``~/.cache/fcl-bench``), one file
+``synthetic-v{version}-seed{seed}-c{C}x{train}x{test}-p{P}x{train}x{test}.safetensors`` per generator
+version, seed and sizes, whose metadata holds the content hashes of all arrays and of the pretraining part
+(the datasets' fingerprints). Every load checks the file: it parses, has exactly the expected arrays, shapes
+and dtypes, and both hashes match; a damaged file is regenerated with a one-line message on stderr saying
+what was wrong. Writes are atomic, and first use is serialised by a lock file next to the cache file
+(:mod:`fcl_bench.disk_cache`), so processes that start together generate it once.
 
 Calibration, measured with ``python -m fcl_bench.nn.pretrain`` (seed 0, default sizes; 2-core AMD EPYC
 with AVX512-BF16, torch 2.14, 2 threads, machine mostly idle):
@@ -55,6 +60,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from fcl_bench.data import Dataset, Preprocess, TensorSource
+from fcl_bench.disk_cache import DamagedCache, first_line, load_or_build
 from fcl_bench.store import atomic_write
 
 GENERATOR_VERSION = "2"  # bump whenever the images for a given seed and sizes change
@@ -104,10 +110,7 @@ def class_factors(num_classes: int, pretrain_classes: int, rng: np.random.Genera
     Inside each group every factor column is a shuffled, balanced tiling of its values; duplicate tuples
     are removed by swapping single factor values between classes of the same group (keeps the balance).
     """
-    total = num_classes + pretrain_classes
-    if total > int(np.prod(FACTOR_SIZES)):
-        raise ValueError(f"{total} classes requested but the factor vocabulary has only "
-                         f"{int(np.prod(FACTOR_SIZES))} distinct tuples; ask for fewer classes")
+    total = _check_vocabulary(num_classes, pretrain_classes)
     groups = [(0, num_classes), (num_classes, total)]
     f = np.zeros((total, len(FACTOR_SIZES)), dtype=np.int64)
     for lo, hi in groups:
@@ -126,6 +129,15 @@ def class_factors(num_classes: int, pretrain_classes: int, rng: np.random.Genera
         else:
             f[[row, other], col] = f[[other, row], col]
     raise RuntimeError("could not draw distinct class tuples")  # unreachable for sizes within the vocabulary
+
+
+def _check_vocabulary(num_classes: int, pretrain_classes: int) -> int:
+    """The total number of classes, or a ``ValueError`` when the factor vocabulary cannot tell them apart."""
+    total = num_classes + pretrain_classes
+    if total > int(np.prod(FACTOR_SIZES)):
+        raise ValueError(f"{total} classes requested but the factor vocabulary has only "
+                         f"{int(np.prod(FACTOR_SIZES))} distinct tuples; ask for fewer classes")
+    return total
 
 
 def class_name(factors: np.ndarray) -> str:
@@ -271,32 +283,55 @@ def generate(seed: int = 0, num_classes: int = 100, train_per_class: int = 300, 
     return out
 
 
-def _content_hash(arrays: dict[str, torch.Tensor], prefix: str = "") -> str:
-    """A hash of the names and bytes of the arrays whose name starts with ``prefix``."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in sorted(arrays):
-        if name.startswith(prefix):
-            h.update(name.encode())
-            h.update(arrays[name].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _fingerprints(arrays: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Content hashes of the whole dataset and of its pretraining part."""
-    return {"fingerprint": _content_hash(arrays), "pretrain_fingerprint": _content_hash(arrays, "pretrain_")}
+    """Content hashes (names and bytes, in name order) of the whole dataset and of its pretraining part."""
+    whole, pretrain = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        data = arrays[name].contiguous().numpy().tobytes()
+        for h in (whole, pretrain) if name.startswith("pretrain_") else (whole,):
+            h.update(name.encode())
+            h.update(data)
+    return {"fingerprint": whole.hexdigest(), "pretrain_fingerprint": pretrain.hexdigest()}
 
 
-def _read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """The cached arrays and their metadata if the file is complete and its content hash matches."""
+def _expected_shapes(sizes: dict[str, int]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every array of a cache file with ``sizes`` -> its shape and dtype."""
+    c, p = sizes["num_classes"], sizes["pretrain_classes"]
+    counts = {"train": c * sizes["train_per_class"], "test": c * sizes["test_per_class"],
+              "pretrain_train": p * sizes["pretrain_train_per_class"],
+              "pretrain_test": p * sizes["pretrain_test_per_class"]}
+    out = {"factors": ((c + p, len(FACTOR_SIZES)), torch.int64)}
+    for split, n in counts.items():
+        out[f"{split}_images"] = ((n, 3, IMAGE_SIZE, IMAGE_SIZE), torch.uint8)
+        out[f"{split}_labels"] = ((n,), torch.int64)
+    return out
+
+
+def _read_cache(path: Path, sizes: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The cached arrays and their metadata, once the file is checked: it parses, holds exactly the expected
+    arrays with their shapes and dtypes, and both content hashes match the bytes.
+
+    Raises ``FileNotFoundError`` when there is no file and :class:`~fcl_bench.disk_cache.DamagedCache`
+    (saying what is wrong) when it fails a check.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             arrays = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception:  # missing, truncated or not a safetensors file: regenerate
-        return None
-    expected = {f"{s}_{k}" for s in _SPLITS for k in ("images", "labels")} | {"factors"}
-    if set(arrays) != expected or "pretrain_fingerprint" not in meta or meta.get("fingerprint") != _content_hash(arrays):
-        return None
+    except Exception as error:  # truncated, zeroed, a header that is not JSON, not safetensors at all
+        raise DamagedCache(f"truncated or unreadable: {first_line(error)}") from None
+    expected = _expected_shapes(sizes)
+    if set(arrays) != set(expected):
+        missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+        raise DamagedCache(f"missing arrays {missing}" if missing else f"unexpected arrays {extra}")
+    for name, (shape, dtype) in expected.items():
+        if tuple(arrays[name].shape) != shape or arrays[name].dtype != dtype:
+            raise DamagedCache(f"{name} is {arrays[name].dtype} {tuple(arrays[name].shape)} instead of "
+                               f"{dtype} {shape}")
+    if any(meta.get(k) != v for k, v in _fingerprints(arrays).items()):
+        raise DamagedCache("content hash mismatch")
     return arrays, meta
 
 
@@ -313,7 +348,8 @@ def load_synthetic(root: str | Path | None = None, download: bool = False, seed:
 
     ``root`` is the cache directory (default ``cache_root() / "synthetic"``); ``download`` is accepted for
     interface parity with file-backed datasets and ignored: nothing is downloaded. Defaults: 100 FCL
-    classes x (300 train, 60 test) and 100 pretraining classes x (500 train, 20 test) images.
+    classes x (300 train, 60 test) and 100 pretraining classes x (500 train, 20 test) images. A cache file
+    that fails its checks (see the module docstring) is regenerated, with one line on stderr.
     """
     sizes = {"num_classes": num_classes, "train_per_class": train_per_class, "test_per_class": test_per_class,
              "pretrain_classes": pretrain_classes, "pretrain_train_per_class": pretrain_train_per_class,
@@ -323,16 +359,19 @@ def load_synthetic(root: str | Path | None = None, download: bool = False, seed:
             raise ValueError(f"synthetic dataset: {name} must be a positive integer, got {value!r}")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"synthetic dataset: seed must be a non-negative integer, got {seed!r}")
+    _check_vocabulary(num_classes, pretrain_classes)  # before the cache folder and its lock are created
     cache = Path(root).expanduser() if root is not None else cache_root() / "synthetic"
     shape = "c{}x{}x{}-p{}x{}x{}".format(*sizes.values())
     path = cache / f"synthetic-v{GENERATOR_VERSION}-seed{seed}-{shape}.safetensors"
-    cached = _read_cache(path)
-    if cached is None:
+
+    def build() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         arrays = generate(seed, **sizes)
         meta = {**_fingerprints(arrays), "version": GENERATOR_VERSION}
         atomic_write(path, save(arrays, metadata=meta))  # a crash never leaves a partial cache file
-    else:
-        arrays, meta = cached
+        return arrays, meta
+
+    arrays, meta = load_or_build(path, lambda: _read_cache(path, sizes), build, "the synthetic dataset cache",
+                                 "generating it again")
     return _to_dataset(arrays, meta, seed, sizes)
 
 

@@ -4,35 +4,43 @@
 on ``dataset.pretrain`` only (never on an FCL class): one head over the pretraining classes and, when the
 dataset ships its generative factors (``dataset.pretrain.info["factors"]``), one head per factor, which
 teaches features that transfer to unseen factor combinations (with 60k training images the FCL probe reached
-26% with factor heads and 21% without). Weights (safetensors) and a JSON report are
-cached under ``$FCL_BENCH_CACHE/tiny_vit`` keyed by the dataset fingerprint, the architecture, the
-hyperparameters and :data:`PRETRAIN_VERSION`; a second call loads them. :func:`linear_probe` measures how
-well frozen final-norm CLS features separate all FCL classes jointly.
+26% with factor heads and 21% without). :func:`linear_probe` measures how well frozen final-norm CLS
+features separate all FCL classes jointly.
+
+The cache: ``$FCL_BENCH_CACHE/tiny_vit/tiny_vit-{key}.safetensors`` (the weights) and ``tiny_vit-{key}.json``
+(the report, written after the weights, holding ``weights_sha256``: the sha256 of the weights file's bytes),
+``key`` hashing the dataset fingerprint, the architecture, the hyperparameters, the seed and
+:data:`PRETRAIN_VERSION`. A second call loads them after checking every byte of the weights against that
+hash; a damaged pair (a hash mismatch, a truncated file, a missing or unparsable report) is pretrained again
+with a one-line message on stderr. Writes are atomic and first use is serialised by
+``tiny_vit-{key}.safetensors.lock`` (:mod:`fcl_bench.disk_cache`): processes that start together on an empty
+cache pretrain once.
 
 Run ``python -m fcl_bench.nn.pretrain`` for the full calibration (generation, pretraining, both probes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from hashlib import sha1
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from tqdm.auto import tqdm
 
 from fcl_bench.data import Dataset, ImageSource, Preprocess, TensorSource
 from fcl_bench.datasets.synthetic import cache_root, generate, load_synthetic
+from fcl_bench.disk_cache import DamagedCache, first_line, load_or_build
 from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG, build_tiny_vit
 from fcl_bench.progress import PlainProgress, format_seconds
 from fcl_bench.store import atomic_write, write_json
@@ -261,22 +269,42 @@ def _probe(vit: VisionTransformer, dataset: Dataset, pre: Preprocess, device: to
 
 def _cache_paths(cache_dir: Path, dataset: Dataset, cfg: PretrainConfig, seed: int) -> tuple[Path, Path, str]:
     spec = {"version": PRETRAIN_VERSION, "dataset": dataset.fingerprint, "config": asdict(cfg), "seed": seed}
-    key = sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     stem = cache_dir / "tiny_vit" / f"tiny_vit-{key}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json"), key
 
 
-def _load_cached(weights: Path, report_path: Path, cfg: PretrainConfig) -> tuple[VisionTransformer, dict] | None:
-    """The cached model and report, or None when missing or unreadable (it is then retrained)."""
-    if not (weights.is_file() and report_path.is_file()):
-        return None
+def _read_cached(weights: Path, report_path: Path, cfg: PretrainConfig, key: str) -> tuple[VisionTransformer, dict]:
+    """The cached model and report, once checked: the report parses, is for ``key`` and holds the sha256 of
+    the weights file, which matches its bytes; the weights then fit the architecture.
+
+    Raises ``FileNotFoundError`` when neither file exists and :class:`~fcl_bench.disk_cache.DamagedCache`
+    (saying what is wrong) when a check fails.
+    """
+    has_weights, has_report = weights.is_file(), report_path.is_file()
+    if not (has_weights or has_report):
+        raise FileNotFoundError(weights)
+    if not has_report:
+        raise DamagedCache(f"its report {report_path.name} is missing")
+    if not has_weights:
+        raise DamagedCache("the weights file is missing")
     try:
         report = json.loads(report_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedCache(f"its report does not parse: {first_line(error)}") from None
+    if not isinstance(report, dict) or report.get("key") != key:
+        raise DamagedCache("its report is for another configuration")
+    if not isinstance(report.get("weights_sha256"), str):
+        raise DamagedCache("its report has no sha256 of the weights (an older cache)")
+    data = weights.read_bytes()
+    if hashlib.sha256(data).hexdigest() != report["weights_sha256"]:
+        raise DamagedCache("sha256 mismatch")
+    try:
         with torch.device("meta"):  # skip the random init (most of the load time): the file overwrites it
             vit = build_tiny_vit(**cfg.arch())
-        vit.load_state_dict(load_file(str(weights)), assign=True)
-    except Exception:  # a truncated or foreign file: retrain rather than fail
-        return None
+        vit.load_state_dict(load(data), assign=True)
+    except Exception as error:  # the right bytes of the wrong file: cannot happen unless written by hand
+        raise DamagedCache(f"weights do not fit the architecture: {first_line(error)}") from None
     return vit.eval(), report
 
 
@@ -287,7 +315,9 @@ def pretrain_tiny_vit(dataset: Dataset, cache_dir: str | Path | None = None, see
     """Pretrain the tiny ViT on ``dataset.pretrain`` (cached); returns ``(vit in eval mode, report)``.
 
     ``epochs`` overrides ``config.epochs``. With ``probe`` the report holds :func:`linear_probe` accuracies on
-    the FCL classes of the pretrained model and of the same architecture at its (seeded) random init.
+    the FCL classes of the pretrained model and of the same architecture at its (seeded) random init. The
+    report also holds ``weights_sha256``, checked on every load (see the module docstring); ``force``
+    pretrains again even over a sound cache.
     """
     if dataset.pretrain is None:
         raise ValueError(f"dataset {dataset.name!r} has no pretraining classes; use the 'synthetic' dataset")
@@ -300,9 +330,17 @@ def pretrain_tiny_vit(dataset: Dataset, cache_dir: str | Path | None = None, see
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, device))  # the key names what was run
     weights, report_path, key = _cache_paths(Path(cache_dir) if cache_dir else cache_root(), dataset, cfg,
                                              seed)
-    cached = None if force else _load_cached(weights, report_path, cfg)
-    if cached is not None:
-        return cached
+
+    def build() -> tuple[VisionTransformer, dict]:
+        return _pretrain_and_write(dataset, cfg, seed, device, progress, probe, weights, report_path, key)
+
+    return load_or_build(weights, lambda: _read_cached(weights, report_path, cfg, key), build,
+                         "the tiny ViT weights cache", "pretraining again", force=force)
+
+
+def _pretrain_and_write(dataset: Dataset, cfg: PretrainConfig, seed: int, device: torch.device, progress: bool,
+                        probe: bool, weights: Path, report_path: Path, key: str) -> tuple[VisionTransformer, dict]:
+    """Pretrain (and probe), then write the weights and, after them, the report holding their sha256."""
     pre = Preprocess(**TINY_VIT_CONFIG)
     say = PlainProgress(1, "pretrain tiny ViT", enabled=None if progress else False).note
     say(f"not cached; training it on {len(dataset.pretrain.train):,} images of {dataset.name}'s pretraining "
@@ -322,9 +360,10 @@ def pretrain_tiny_vit(dataset: Dataset, cache_dir: str | Path | None = None, see
               "epochs": cfg.epochs, **stats, "probe_acc_pretrained": pretrained_probe,
               "probe_acc_random_init": random_probe, "probe_seconds": probe_seconds,
               "device": device.type, "torch": torch.__version__}
-    state = {k: v.contiguous() for k, v in vit.state_dict().items()}
-    atomic_write(weights, save(state, metadata={"key": key}))
-    write_json(report_path, report)
+    data = save({k: v.contiguous() for k, v in vit.state_dict().items()}, metadata={"key": key})
+    report["weights_sha256"] = hashlib.sha256(data).hexdigest()
+    atomic_write(weights, data)
+    write_json(report_path, report)  # last: until it lands, the pair reads as damaged (under the lock)
     return vit, report
 
 
