@@ -69,9 +69,15 @@ class PlanError(ValueError):
 def preflight(specs: Sequence[RunSpec]) -> None:
     """Raise :class:`PlanError` for a problem every run sharing a workspace config would hit."""
     from fcl_bench.datasets import DatasetError, check_dataset
+    from fcl_bench.datasets.synthetic import cache_root
     from fcl_bench.nn.foundation import FoundationError, check_foundation
+    from fcl_bench.paths import PathError, check_writable_dir
     from fcl_bench.workspace import resolve_device
 
+    try:
+        check_writable_dir(cache_root(), "$FCL_BENCH_CACHE")
+    except PathError as e:
+        raise PlanError(f"{e} (the cache folder for datasets and foundation weights)") from None
     for ws in dict.fromkeys(s.run.workspace() for s in specs):
         try:
             resolve_device(ws.device)

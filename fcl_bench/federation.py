@@ -177,8 +177,10 @@ class Federation:
         return sent
 
     def _server_row(self, t: int, r: int, step: str, m: Measurement, bytes_down: int) -> None:
+        # the bytes this step sent are the clients' bytes_down: counted there, shown here, never summed twice
         self.tally.rows.append(dict(task=t, round=r, client=-1, phase=f"server_{step}", bytes_up=0,
-                                    bytes_down=bytes_down, train_seconds=0.0, flops=None, flops_measured=True,
+                                    bytes_down=0, server_bytes_sent=bytes_down, train_seconds=0.0, flops=None,
+                                    flops_measured=True,
                                     server_seconds=m.seconds, server_flops=m.flops,
                                     server_flops_measured=m.flops_measured,
                                     server_peak_memory_bytes=m.peak_memory_bytes, memory_kind=m.memory_kind))

@@ -114,7 +114,8 @@ def test_clients_start_from_the_server_broadcast_of_w0_counted_on_the_wire(ws):
     start = [r for r in fed.tally.rows if r["phase"] == "start"]
     assert [r["client"] for r in start] == list(fed.clients)
     assert all(r["bytes_down"] == len(st_save(dict(w0))) for r in start)
-    assert [r for r in fed.tally.rows if r["phase"] == "server_start"][0]["bytes_down"] == 2 * len(st_save(dict(w0)))
+    server_row = [r for r in fed.tally.rows if r["phase"] == "server_start"][0]
+    assert server_row["server_bytes_sent"] == 2 * len(st_save(dict(w0))) and server_row["bytes_down"] == 0
 
 
 @pytest.mark.parametrize("average", [False, True])
@@ -205,3 +206,13 @@ def test_a_training_set_of_one_sample_runs_batchnorm_in_eval_mode_and_says_so_on
     assert any(not torch.equal(v, c.model.state_dict()[k]) for k, v in weights.items())  # but it trained
     assert c.model.training and all(m.training for m in c.model.modules())        # modes restored
     assert len(logs) == 1 and "one sample" in logs[0] and "BatchNorm" in logs[0]
+
+
+def test_total_bytes_count_every_message_once(runs, ws):
+    result = runs["fedavg"][0]
+    r = result.rounds
+    params = _fresh_params(ws)
+    down = len(st_save(params))
+    K, T, R = ws.scenario.num_clients, ws.scenario.num_tasks, RUN.rounds_per_task
+    assert result.metrics["bytes_down"] == down * K * (1 + T * R)  # w_0 once, then every round
+    assert r.loc[r.client == -1, "server_bytes_sent"].sum() == result.metrics["bytes_down"]

@@ -92,8 +92,8 @@ def _snapshot(root: Path) -> set[str]:
 
 @pytest.fixture
 def sandbox(tmp_path, monkeypatch):
-    """A working folder holding a plain file (for paths under a file); the run engine and pretraining
-    replaced by recorders."""
+    """A working folder holding a plain file (for paths under a file); the run engine, pretraining and
+    torch's thread setting replaced by recorders."""
     import fcl_bench.cli as cli_module
     import fcl_bench.nn.pretrain as pretrain_module
 
@@ -106,6 +106,9 @@ def sandbox(tmp_path, monkeypatch):
     calls: list = []
     monkeypatch.setattr(cli_module, "execute", lambda specs: calls.append(len(specs)) or True)
     monkeypatch.setattr(pretrain_module, "pretrain_tiny_vit", lambda *a, **k: (None, {"epochs": 0}))
+    import torch  # `--threads N` would set this process's torch threads for every later test
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
     return tmp_path, calls
 
 
