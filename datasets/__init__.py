@@ -65,13 +65,18 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
     ``seed`` only matters where the dataset itself is random (the synthetic data, the train/test split of a
     folder tree without one); official splits ignore it.
     """
+    entry, path = _entry_and_root(name, root)
+    return entry.loader(path, download, seed)
+
+
+def _entry_and_root(name: str, root: str | Path | None) -> tuple[DatasetEntry, Path | None]:
     entry = DATASETS.get(name.strip().lower())
     if entry is None:
         raise DatasetError(f"unknown dataset {name!r}; available datasets: {', '.join(available_datasets())}")
     path = Path(root).expanduser() if root is not None and str(root) != "" else None
     if entry.needs_root and path is None:
         raise DatasetError(f"dataset {entry.name!r} needs a data root (--data-root DIR). {entry.how_to_get}")
-    return entry.loader(path, download, seed)
+    return entry, path
 
 
 def check_dataset(name: str, root: str | Path | None = None, download: bool = False) -> None:
@@ -80,12 +85,7 @@ def check_dataset(name: str, root: str | Path | None = None, download: bool = Fa
     is writable when the loader would write into it (a download, a generated dataset's first use)."""
     import os
 
-    entry = DATASETS.get(name.strip().lower())
-    if entry is None:
-        raise DatasetError(f"unknown dataset {name!r}; available datasets: {', '.join(available_datasets())}")
-    path = Path(root).expanduser() if root is not None and str(root) != "" else None
-    if entry.needs_root and path is None:
-        raise DatasetError(f"dataset {entry.name!r} needs a data root (--data-root DIR). {entry.how_to_get}")
+    entry, path = _entry_and_root(name, root)
     if path is None:
         return
     if path.exists() and not path.is_dir():

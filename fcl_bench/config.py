@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A user-facing configuration error; the message names the problem and the fix."""
 
 
+def _shared(default: Any) -> Any:
+    """A :class:`RunConfig` field that is also a :class:`WorkspaceConfig` field (it decides what runs share)."""
+    return field(default=default, metadata={"workspace": True})
+
+
 @dataclass
 class RunConfig:
     """Everything about a run except the method's own hyperparameters.
@@ -32,35 +37,35 @@ class RunConfig:
     server, never by a client (default 0: no server-held split). ``participation``: the fraction of
     clients that train in a round (a seeded sample per round; 1.0, the paper's setting, is all of them).
 
-    The fields that decide what runs share (data, scenario, foundation model, feature cache) are the
-    fields of :class:`WorkspaceConfig`; :meth:`workspace` extracts them.
+    The fields that decide what runs share (data, scenario, foundation model, feature cache) are marked
+    ``_shared`` here; they make up :class:`WorkspaceConfig`, and :meth:`workspace` extracts them.
     """
 
-    dataset: str = "synthetic"
-    data_root: str | None = None
-    download: bool = False
-    foundation: str = "tiny"
-    foundation_weights: str | None = None
-    foundation_pretrained: bool = True
+    dataset: str = _shared("synthetic")
+    data_root: str | None = _shared(None)
+    download: bool = _shared(False)
+    foundation: str = _shared("tiny")
+    foundation_weights: str | None = _shared(None)
+    foundation_pretrained: bool = _shared(True)
     small_models: list[str] = field(default_factory=lambda: ["resnet18"])
     small_width: int = 512
-    clients: int = 5
-    private: int = 15
-    public: int = 25
-    tasks: int = 5
-    classes_per_task: int = 8
-    alpha: float = 0.5
-    server_per_class: int = 0
+    clients: int = _shared(5)
+    private: int = _shared(15)
+    public: int = _shared(25)
+    tasks: int = _shared(5)
+    classes_per_task: int = _shared(8)
+    alpha: float = _shared(0.5)
+    server_per_class: int = _shared(0)
     participation: float = 1.0
     rounds_per_task: int = 5
     epochs: int = 1
     batch_size: int = 64
-    eval_batch_size: int = 256
-    train_per_class: int | None = None
-    test_per_class: int | None = None
-    device: str = "auto"
+    eval_batch_size: int = _shared(256)
+    train_per_class: int | None = _shared(None)
+    test_per_class: int | None = _shared(None)
+    device: str = _shared("auto")
     amp: bool = True
-    seed: int = 42
+    seed: int = _shared(42)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,30 +110,13 @@ class RunConfig:
             raise ConfigError(f"unknown dataset '{self.dataset}'; available datasets: {', '.join(available_datasets())}")
 
 
-@dataclass(frozen=True)
-class WorkspaceConfig:
-    """What a workspace is made of: the data, the scenario's protocol and seed, the foundation model and
-    where it runs. Runs whose ``RunConfig.workspace()`` are equal share data, scenario, foundation model
-    and feature cache (the executor keys its workspaces by this object)."""
-
-    dataset: str = "synthetic"
-    data_root: str | None = None
-    download: bool = False
-    foundation: str = "tiny"
-    foundation_weights: str | None = None
-    foundation_pretrained: bool = True
-    train_per_class: int | None = None
-    test_per_class: int | None = None
-    clients: int = 5
-    private: int = 15
-    public: int = 25
-    tasks: int = 5
-    classes_per_task: int = 8
-    alpha: float = 0.5
-    server_per_class: int = 0
-    seed: int = 42
-    device: str = "auto"
-    eval_batch_size: int = 256
+WorkspaceConfig = dataclasses.make_dataclass(
+    "WorkspaceConfig", [(f.name, f.type, field(default=f.default)) for f in fields(RunConfig)
+                        if f.metadata.get("workspace")], frozen=True)
+WorkspaceConfig.__module__ = __name__
+WorkspaceConfig.__doc__ = """What a workspace is made of: the data, the scenario's protocol and seed, the foundation model
+and where it runs -- the fields of :class:`RunConfig` marked ``_shared``. Runs whose ``RunConfig.workspace()``
+are equal share data, scenario, foundation model and feature cache (the executor keys its workspaces by it)."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
