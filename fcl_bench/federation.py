@@ -40,7 +40,7 @@ from fcl_bench.api import (
     ServerEnv,
     Task,
 )
-from fcl_bench.checks import check_finite, check_payload
+from fcl_bench.checks import check_payload
 from fcl_bench.config import RunConfig
 from fcl_bench.evaluation import SPACES, accuracy_after, evaluate, new_tallies
 from fcl_bench.metrics import summarise
@@ -48,7 +48,7 @@ from fcl_bench.nn.cache import FeatureView
 from fcl_bench.nn.small import build_small_model
 from fcl_bench.workspace import Workspace
 
-__all__ = ["Federation", "RunResult", "check_finite", "participants", "run_method"]
+__all__ = ["Federation", "RunResult", "participants", "run_method"]
 
 #: rounds.csv columns that hold timings or memory: they differ between otherwise identical runs.
 TIMING_KEYS = ("wall_seconds", "client_train_seconds", "server_seconds", "seconds", "peak_memory_bytes",
