@@ -330,3 +330,12 @@ def test_table1_current_task_reading_is_the_diagonal_and_labelled(tree, report):
     done = load_results(tree).query("state == 'completed'")
     assert "test set of the current task only" in table1(done, reading="current").title
     assert "all tasks so far" in table1(done).title
+
+
+def test_the_report_says_whether_batchnorm_statistics_were_averaged(tree, tmp_path):
+    text = write_report(tree, tmp_path / "a").markdown.read_text()
+    assert "FedBN-like" in text and "fedavg" in text.split("FedBN-like")[0].split("BatchNorm statistics stay")[1]
+    _derive(tree, "fedavg-bn", 1, 1, {"average_bn_stats": True})
+    text = write_report(tree, tmp_path / "b").markdown.read_text()
+    assert "averaged with the parameters for fedavg-bn" in text
+    shutil.rmtree(_run_dir(tree, "fedavg-bn", 1).parent.parent)

@@ -74,6 +74,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> ReportFiles
           "Accuracies in %, mean ± sample std over seeds (`n` seeds per cell in the CSV files); the best "
           "value of each column in bold. Tables use the client evaluation space unless they say otherwise.\n"]
     md += _conflict_section(df)
+    md += _batchnorm_note(done)
     groups = sorted(int(g) for g in done["group"].dropna().unique())
     for g in groups:
         suffix = "" if len(groups) == 1 else f"-scenario{g}"
@@ -89,6 +90,22 @@ def write_report(root: str | Path, out: str | Path | None = None) -> ReportFiles
     files.tables.append(tables_dir / "runs.csv")
     files.markdown.write_text("\n".join(md))
     return files
+
+
+def _batchnorm_note(done: pd.DataFrame) -> list[str]:
+    """Which model an averaging method's numbers are for: BatchNorm statistics local (FedBN-like) or averaged."""
+    local, averaged = [], []
+    for name, cfg in zip(done["name"], done["method_config"]):
+        if isinstance(cfg, dict) and "average_bn_stats" in cfg:
+            (averaged if cfg["average_bn_stats"] else local).append(name)
+    lines = []
+    if local:
+        lines.append(f"BatchNorm statistics stay on each client for {', '.join(sorted(set(local)))}: only the "
+                     "trainable parameters are averaged, so the evaluated models are FedBN-like "
+                     "(`-o METHOD.average_bn_stats=true` averages the statistics too).")
+    if averaged:
+        lines.append(f"BatchNorm statistics are averaged with the parameters for {', '.join(sorted(set(averaged)))}.")
+    return ["\n" + " ".join(lines) + "\n"] if lines else []
 
 
 def _conflict_section(df: pd.DataFrame) -> list[str]:
