@@ -48,6 +48,14 @@ DATASETS: dict[str, DatasetEntry] = {}
 
 def register_dataset(entry: DatasetEntry, *, overwrite: bool = False) -> DatasetEntry:
     """Add ``entry`` to :data:`DATASETS` (a second entry with the same name needs ``overwrite=True``)."""
+    from fcl_bench.paths import PathError, check_token
+
+    try:  # the name becomes a results folder
+        check_token(entry.name, "dataset name")
+    except PathError as e:
+        raise DatasetError(str(e)) from None
+    if entry.name != entry.name.lower():
+        raise DatasetError(f"dataset name {entry.name!r} must be lower case (names are matched case-blind)")
     if entry.name in DATASETS and not overwrite:
         raise DatasetError(f"dataset {entry.name!r} is already registered; pass overwrite=True to replace it")
     DATASETS[entry.name] = entry

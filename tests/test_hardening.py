@@ -192,3 +192,11 @@ def test_two_identical_commands_started_together_run_it_once(tmp_path, smoke_opt
     path = run_dir(tmp_path, "smoke", "fedlscl", "synthetic", 42)
     assert read_json(path / "status.json")["state"] == "completed"
     assert (path / "log.txt").read_text().count("== fedlscl (fedlscl)") == 1
+
+
+def test_a_dataset_registered_under_an_unsafe_name_is_refused():
+    from fcl_bench.datasets import DatasetEntry, DatasetError, register_dataset
+
+    for name in ("../up", "a/b", "..", "Upper"):
+        with pytest.raises(DatasetError, match="dataset name"):
+            register_dataset(DatasetEntry(name, lambda *a: None, "x", needs_root=False, how_to_get=""))
