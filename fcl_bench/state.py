@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -140,16 +139,3 @@ def set_rng_state(state: State, generators: dict[int, torch.Generator] | None = 
         if generators is not None and int(k) in generators:
             generators[int(k)].set_state(s)
 
-
-def fsync_dir(path: str | Path) -> None:
-    """Flush a folder's entries to disk (after renames into it), where the platform allows."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
