@@ -48,7 +48,7 @@ from fcl_bench.nn.cache import FeatureView
 from fcl_bench.nn.small import build_small_model
 from fcl_bench.workspace import Workspace
 
-__all__ = ["Federation", "RunResult", "participants", "run_method"]
+__all__ = ["Federation", "RunResult", "participants"]
 
 #: rounds.csv columns that hold timings or memory: they differ between otherwise identical runs.
 TIMING_KEYS = ("wall_seconds", "client_train_seconds", "server_seconds", "seconds", "peak_memory_bytes",
@@ -121,7 +121,8 @@ class Federation:
         server_data = ws.server_view()
         view = None
         if fm is not None and server_data is not None:
-            view = FeatureView(ws.features, "server", {"train": _mask(len(ws.dataset.train), server_data.indices)})
+            view = FeatureView(ws.features, "server")
+            view.allow("train", server_data.indices)
         self.server_env = ServerEnv(**common, server_data=server_data, features=view)
         self.server: Server = self.method.server(self.server_env)
         self.acct = Accountant(ws.device, flops)
@@ -163,7 +164,7 @@ class Federation:
         check_payload(payload, f"{self.name}: {who}", declared)
         return wire.transmit(payload, self.ws.device, who)
 
-    def _download(self, downloads: Any, kind: DownloadKind, t: int, r: int, what: str) -> dict[int, int]:
+    def _download(self, downloads: Any, kind: DownloadKind, what: str) -> dict[int, int]:
         if not isinstance(downloads, Mapping):
             raise TypeError(f"{self.name}: Server.{what} must return a dict client id -> payload, "
                             f"got {type(downloads).__name__}")
@@ -189,7 +190,7 @@ class Federation:
     def start_task(self, t: int) -> None:
         with self.acct.measure("server:start", t) as m:
             downloads = self.server.start_task(t)
-        sent = self._download(downloads, "start", t, 0, "start_task")
+        sent = self._download(downloads, "start", "start_task")
         self._server_row(t, 0, "start", m, sum(sent.values()))
         for c in range(self.K):
             if c in sent:
@@ -219,7 +220,7 @@ class Federation:
                 bar.update(1)
         with self.acct.measure("server:round", t) as sm:
             downloads = self.server.aggregate(uploads, info)
-        sent = self._download(downloads, "round", t, r, "aggregate")
+        sent = self._download(downloads, "round", "aggregate")
         for c, nbytes in sent.items():
             if c in rows:
                 rows[c]["bytes_down"] = nbytes
@@ -232,7 +233,7 @@ class Federation:
     def end_task(self, t: int) -> float:
         with self.acct.measure("server:end", t) as m:
             extra = self.server.end_task(t)
-        sent = self._download(extra, "end", t, self.R, "end_task")
+        sent = self._download(extra, "end", "end_task")
         for c in range(self.K):  # one row per client, so end-of-task bytes are never lost
             self.tally.rows.append(dict(task=t, round=self.R, client=c, phase="end_task", bytes_up=0,
                                         bytes_down=sent.get(c, 0), train_seconds=0.0, flops=0,
@@ -348,14 +349,3 @@ class Federation:
         }
         return RunResult(metrics=metrics, rounds=rounds, seconds=seconds, method_config=self.method.config)
 
-
-def _mask(n: int, indices: np.ndarray) -> np.ndarray:
-    m = np.zeros(n, dtype=bool)
-    m[np.asarray(indices, dtype=np.int64)] = True
-    return m
-
-
-def run_method(method_cls: type[Method], method_cfg: Any, ws: Workspace, run: RunConfig,
-               log: Callable[[str], None] = print, progress: bool = True, flops: str = "sampled") -> RunResult:
-    """Run one method through all tasks and rounds of the workspace's scenario (no checkpoints)."""
-    return Federation(method_cls, method_cfg, ws, run, log=log, progress=progress, flops=flops).run()

@@ -99,11 +99,19 @@ def _register_module_methods(module) -> list[str]:
     return names
 
 
+_PLUGIN_FILES: dict[tuple[str, int, int], list[str]] = {}  # (path, mtime, size) -> names it registered
+
+
 def load_plugin_file(path: str | Path) -> list[str]:
-    """Import a Python file and register every Method subclass defined in it."""
+    """Import a Python file and register every Method subclass defined in it (once per process for an
+    unchanged file: every run of a plan names the same plugins)."""
     path = Path(path)
     if not path.is_file():
         raise RegistryError(f"--plugin: no file at {path}")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key in _PLUGIN_FILES and all(n in _REGISTRY for n in _PLUGIN_FILES[key]):
+        return list(_PLUGIN_FILES[key])
     mod_name = f"fcl_bench_plugin_{path.stem}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
@@ -119,6 +127,7 @@ def load_plugin_file(path: str | Path) -> list[str]:
     names = _register_module_methods(module)
     if not names:
         raise RegistryError(f"--plugin {path}: defines no fcl_bench.api.Method subclass with a 'name'")
+    _PLUGIN_FILES[key] = list(names)
     return names
 
 

@@ -141,10 +141,6 @@ class FeatureView:
         self._allowed: dict[str, np.ndarray] = dict(allowed or {})
         self._test_open = False
 
-    @property
-    def device(self) -> torch.device:
-        return self._cache.fm.device
-
     def allow(self, split: str, indices: np.ndarray) -> None:
         """Let this party read ``indices`` of ``split`` from now on."""
         n = len(self._cache.sources[split])
