@@ -1,5 +1,5 @@
 # `make run`: set up .venv (if missing) and run every method on the offline quick preset.
-# `make test`: set up .venv (if missing), lint and run the tests.
+# `make test`: set up .venv (if missing, with the test, ray and flower extras), lint and run the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The PyTorch build to install first (override, e.g. `make test TORCH="torch torchvision"`).
@@ -11,7 +11,7 @@ STAMP := $(VENV)/.fcl-bench-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ray,flower]'
 	touch $(STAMP)
 
 install: $(STAMP)
