@@ -67,7 +67,7 @@ from fcl_bench.nn.averaging import N_KEY, load_trainable, seeded, trainable_stat
 from fcl_bench.nn.distill import batchnorm_eval, frozen_copy
 from fcl_bench.nn.exemplars import lowest_loss_per_class
 from fcl_bench.nn.heads import GrowingHead
-from fcl_bench.nn.lora import LoRAGenerator, adapted_forward, lora_scale
+from fcl_bench.nn.lora import LoRAGenerator, PerSampleLoRA, lora_forward, lora_scale, target_delta
 from fcl_bench.nn.o2d import o2d_closed_form, o2d_gradient
 from fcl_bench.nn.training import optimizer_step, single_sample_guard
 from fcl_bench.registry import register
@@ -150,8 +150,9 @@ class FedLSCLClient(Client):
         if not self.cfg.collab:
             return self.head(E), E, None
         A, B = self.phi(E)
-        feat = adapted_forward(self.env.foundation.vit, self._prefix(batch), self.cfg.block, A, B, self.scale,
-                               self.cfg.target)
+        vit, block = self.env.foundation.vit, self.cfg.block
+        delta = target_delta(PerSampleLoRA(A, B, self.scale), self.cfg.target, vit)
+        feat = lora_forward(vit, None, {(block, "qkv"): delta}, start_block=block, tokens=self._prefix(batch))
         return self.head(feat), E, torch.cat([A.flatten(1), B.flatten(1)], 1)
 
     # -- protocol ----------------------------------------------------------------------------------

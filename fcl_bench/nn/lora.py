@@ -7,24 +7,50 @@ instead of materialising per-sample weights (``O(N r (d + out))`` per sample ins
 
 Targets: ``"qkv"`` adapts all of q, k, v (``out = 3d``); ``"qv"`` adapts q and v (``out = 2d``) and leaves
 the keys unchanged (the delta's k third is zero).
+
+The LoRA block shared by Fed-LSCL, PILoRA and LoRM (issue 12) is :func:`lora_forward`: LoRA on any of the
+four linears of any block (:data:`LORA_LAYERS`), given as *delta objects* with ``.delta(x)`` mapping the
+layer input ``(B, N, d_in)`` to an additive output change ``(B, N, d_out)``:
+
+* :class:`PerSampleLoRA` -- Fed-LSCL's per-sample factors ``A (B, d_in, r)``, ``B (B, r, d_out)``;
+* :class:`SharedLoRA` -- one LoRA for the whole batch in peft's convention, ``W' = W + scale * B @ A`` with
+  ``A (r, d_in)``, ``B (d_out, r)``;
+* :class:`SumLoRA` -- a sum of deltas (e.g. one :class:`SharedLoRA` per task slot);
+* :class:`Scatter` -- writes deltas into chosen output column ranges (e.g. q and v of a fused qkv:
+  :func:`qv`, :func:`qv_joint`).
+
+:func:`lora_forward` is functional (it reads the frozen ViT, never writes it; no hooks, no module swaps),
+batched, differentiable in the factors, and can return the input of every adapted layer from the same pass.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from fcl_bench.nn.vit_ops import block_forward, final_cls, run_blocks
+from fcl_bench.nn.vit_ops import LINEAR_LAYERS, block_forward, embed, final_cls, run_blocks
 
 __all__ = [
+    "LORA_LAYERS",
     "LORA_TARGETS",
+    "Delta",
     "LoRAGenerator",
     "LoRATarget",
+    "PerSampleLoRA",
+    "Scatter",
+    "SharedLoRA",
+    "SumLoRA",
+    "kaiming_lora",
+    "lora_forward",
+    "lora_layer_shape",
+    "qv",
+    "qv_joint",
     "adapted_forward",
     "check_target",
     "expand_to_qkv",
@@ -33,6 +59,7 @@ __all__ = [
     "lora_scale",
     "per_sample_lora_delta",
     "reference_lora_loop",
+    "target_delta",
 ]
 
 LoRATarget = Literal["qkv", "qv"]
@@ -147,9 +174,9 @@ def adapted_forward(
         scale: LoRA scale (``alpha / r``).
         target: ``"qkv"`` or ``"qv"``.
     """
-    depth = _check_args(vit, block_idx, target)
-    h = block_forward(vit.blocks[block_idx], h_in, qkv_delta=lambda y: lora_qkv_delta(y, A, B, scale, target))
-    return final_cls(vit, run_blocks(vit, h, block_idx + 1, depth))
+    _check_args(vit, block_idx, target)
+    return lora_forward(vit, None, {(block_idx, "qkv"): target_delta(PerSampleLoRA(A, B, scale), target, vit)},
+                        start_block=block_idx, tokens=h_in)
 
 
 def reference_lora_loop(
@@ -187,3 +214,213 @@ def lora_scale(alpha: float, rank: int) -> float:
     if rank < 1 or not math.isfinite(alpha):
         raise ValueError(f"lora_scale needs rank >= 1 and a finite alpha, got alpha={alpha}, rank={rank}")
     return alpha / rank
+
+
+# --- the shared LoRA block (issue 12) --------------------------------------------------------------------
+
+#: The timm ViT block linears LoRA can adapt: ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``.
+LORA_LAYERS: tuple[str, ...] = LINEAR_LAYERS
+_LAYER_PATHS = {"qkv": ("attn", "qkv"), "proj": ("attn", "proj"), "fc1": ("mlp", "fc1"), "fc2": ("mlp", "fc2")}
+
+
+def _layer(vit: nn.Module, block: int, layer: str) -> nn.Linear:
+    if layer not in LORA_LAYERS:
+        raise ValueError(f"unknown LoRA layer {layer!r}; choose one of {LORA_LAYERS}")
+    depth = len(vit.blocks)
+    if not 0 <= block < depth:
+        raise ValueError(f"LoRA block must be in [0, {depth}) for this ViT, got {block}")
+    parent, name = _LAYER_PATHS[layer]
+    lin = getattr(getattr(vit.blocks[block], parent, None), name, None)
+    if not isinstance(lin, nn.Linear):
+        raise ValueError(f"block {block}'s {parent}.{name} is not an nn.Linear ({type(lin).__name__}); "
+                         f"LoRA needs a timm VisionTransformer with plain Attention and Mlp")
+    return lin
+
+
+def lora_layer_shape(vit: nn.Module, block: int, layer: str) -> tuple[int, int]:
+    """``(d_in, d_out)`` of linear ``layer`` (one of :data:`LORA_LAYERS`) of block ``block``."""
+    lin = _layer(vit, block, layer)
+    return lin.in_features, lin.out_features
+
+
+@runtime_checkable
+class Delta(Protocol):
+    """An additive change of a linear's output: ``delta(x)``, ``x`` ``(B, N, d_in)`` -> ``(B, N, d_out)``."""
+
+    def delta(self, x: Tensor) -> Tensor: ...
+
+
+class PerSampleLoRA:
+    """Per-sample LoRA (Fed-LSCL): ``scale * (x_i @ A_i) @ B_i`` with ``A`` ``(B, d_in, r)``, ``B`` ``(B, r, d_out)``.
+
+    The factors are cast to the input's dtype (float32 factors next to a half-precision model).
+    """
+
+    def __init__(self, A: Tensor, B: Tensor, scale: float) -> None:
+        if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[1]:
+            raise ValueError(f"PerSampleLoRA needs A (B, d_in, r) and B (B, r, d_out) with equal B and r; got "
+                             f"A {tuple(A.shape)}, B {tuple(B.shape)}")
+        self.A, self.B, self.scale = A, B, scale
+
+    def delta(self, x: Tensor) -> Tensor:
+        return per_sample_lora_delta(x, self.A.to(x.dtype), self.B.to(x.dtype), self.scale)
+
+
+class SharedLoRA:
+    """One LoRA for every sample, peft's convention: ``W' = W + scale * B @ A``, ``A`` ``(r, d_in)``,
+    ``B`` ``(d_out, r)``; ``delta(x) = scale * (x @ A^T) @ B^T``."""
+
+    def __init__(self, A: Tensor, B: Tensor, scale: float = 1.0) -> None:
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"SharedLoRA needs A (r, d_in) and B (d_out, r) with the same r; got "
+                             f"A {tuple(A.shape)}, B {tuple(B.shape)}")
+        self.A, self.B, self.scale = A, B, scale
+
+    def delta(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.A.shape[1]:
+            raise ValueError(f"SharedLoRA: input width {x.shape[-1]} != A's d_in {self.A.shape[1]}")
+        out = (x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T
+        return out if self.scale == 1.0 else out * self.scale
+
+    def weight(self) -> Tensor:
+        """The weight update ``scale * B @ A`` ``(d_out, d_in)``."""
+        return self.scale * self.B @ self.A
+
+
+class SumLoRA:
+    """The sum of several deltas (e.g. the task slots of PILoRA/LoRM): ``delta = sum of parts' deltas``."""
+
+    def __init__(self, parts: Sequence[Delta]) -> None:
+        if not parts:
+            raise ValueError("SumLoRA needs at least one part")
+        self.parts = list(parts)
+
+    def delta(self, x: Tensor) -> Tensor:
+        out = self.parts[0].delta(x)
+        for p in self.parts[1:]:
+            out = out + p.delta(x)
+        return out
+
+
+class Scatter:
+    """Deltas written into column ranges of a wider output, zeros elsewhere.
+
+    ``parts``: ``(ranges, delta)`` pairs; ``delta``'s output columns fill the ``(start, stop)`` ``ranges``
+    in order (their total width must equal the delta's width). Ranges must not overlap.
+    """
+
+    def __init__(self, d_out: int, parts: Sequence[tuple[Sequence[tuple[int, int]], Delta]]) -> None:
+        spans = sorted((a, b) for ranges, _ in parts for a, b in ranges)
+        for (a, b), nxt in zip(spans, spans[1:] + [(d_out, d_out)]):
+            if not 0 <= a < b <= nxt[0] <= d_out:
+                raise ValueError(f"Scatter ranges must be non-empty, disjoint and inside [0, {d_out}); got {spans}")
+        self.d_out, self.parts = d_out, [(tuple(map(tuple, r)), d) for r, d in parts]
+
+    def delta(self, x: Tensor) -> Tensor:
+        pieces: list[tuple[int, Tensor]] = []
+        for ranges, d in self.parts:
+            out = d.delta(x)
+            widths = [b - a for a, b in ranges]
+            if out.shape[-1] != sum(widths):
+                raise ValueError(f"Scatter: a delta of width {out.shape[-1]} for ranges {ranges} "
+                                 f"(width {sum(widths)})")
+            pieces += [(a, t) for (a, _), t in zip(ranges, out.split(widths, dim=-1))]
+        pieces.sort(key=lambda p: p[0])
+        cols, pos = [], 0
+        for a, t in pieces:
+            if a > pos:
+                cols.append(t.new_zeros(*t.shape[:-1], a - pos))
+            cols.append(t)
+            pos = a + t.shape[-1]
+        if pos < self.d_out:
+            cols.append(cols[-1].new_zeros(*cols[-1].shape[:-1], self.d_out - pos))
+        return torch.cat(cols, dim=-1)
+
+
+def qv(q: Delta | None, v: Delta | None, dim: int) -> Scatter:
+    """A fused-qkv delta ``(.., 3 dim)`` from separate q and v deltas (each ``(.., dim)``); k unchanged."""
+    parts = [(((0, dim),), q)] if q is not None else []
+    parts += [(((2 * dim, 3 * dim),), v)] if v is not None else []
+    return Scatter(3 * dim, parts)
+
+
+def qv_joint(delta: Delta, dim: int) -> Scatter:
+    """A fused-qkv delta from one delta of width ``2 dim`` (first half -> q, second half -> v)."""
+    return Scatter(3 * dim, [(((0, dim), (2 * dim, 3 * dim)), delta)])
+
+
+def target_delta(delta: Delta, target: LoRATarget, vit_or_dim: nn.Module | int) -> Delta:
+    """Fed-LSCL's targets as deltas on ``qkv``: ``"qkv"`` -> ``delta``; ``"qv"`` -> :func:`qv_joint`."""
+    check_target(target)
+    if target == "qkv":
+        return delta
+    dim = vit_or_dim if isinstance(vit_or_dim, int) else vit_or_dim.blocks[0].attn.qkv.out_features // 3
+    return qv_joint(delta, dim)
+
+
+def kaiming_lora(d_in: int, d_out: int, rank: int, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """peft's default init: ``A`` ``(r, d_in)`` Kaiming-uniform (a = sqrt(5), as nn.Linear), ``B`` ``(d_out, r)`` zero."""
+    bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on a (r, d_in) weight: U(-1/sqrt(d_in), ..)
+    A = (torch.rand(rank, d_in, generator=generator, dtype=dtype) * 2 - 1) * bound
+    return A, torch.zeros(d_out, rank, dtype=dtype)
+
+
+def lora_forward(
+        vit: nn.Module,
+        x: Tensor | None,
+        deltas: Mapping[tuple[int, str], Delta | None],
+        *,
+        return_inputs: bool = False,
+        start_block: int = 0,
+        tokens: Tensor | None = None,
+) -> Tensor | tuple[Tensor, dict[tuple[int, str], Tensor]]:
+    """Final-norm CLS feature ``(B, d)`` of the frozen ViT with LoRA deltas on chosen block linears.
+
+    Args:
+        vit: a timm VisionTransformer (read only: nothing is written to it, no hooks, no module swaps).
+        x: images ``(B, 3, H, W)``; ignored (may be ``None``) when ``tokens`` is given.
+        deltas: ``{(block, layer): delta}`` with ``layer`` in :data:`LORA_LAYERS`; each delta's
+            ``.delta(input)`` is added to that linear's output. A ``None`` delta leaves the layer unchanged
+            but still reports its input (for Gram matrices of a frozen layer).
+        return_inputs: also return ``{(block, layer): input (B, N, d_in)}`` for every key of ``deltas``.
+            The inputs are not detached: with grad enabled they are part of the graph (they depend on the
+            earlier blocks' LoRA); call under ``torch.no_grad()`` or ``.detach()`` them to keep them.
+        start_block: the first block to run; blocks before it are frozen and must carry no delta.
+        tokens: ``(B, N, d)`` tokens entering ``start_block`` (e.g. from the frozen-prefix cache); without
+            them the images are embedded and blocks ``< start_block`` run frozen.
+    """
+    depth = len(vit.blocks)
+    if not 0 <= start_block < depth:
+        raise ValueError(f"start_block must be in [0, {depth}) for this ViT, got {start_block}")
+    per_block: dict[int, dict[str, Delta | None]] = {}
+    for (b, layer), d in deltas.items():
+        _layer(vit, b, layer)
+        if b < start_block:
+            raise ValueError(f"a delta on block {b} < start_block {start_block} would be skipped")
+        if d is not None and not isinstance(d, Delta):
+            raise TypeError(f"delta for {(b, layer)} has no .delta(x) method: {type(d).__name__}")
+        per_block.setdefault(b, {})[layer] = d
+    if tokens is None:
+        if x is None:
+            raise ValueError("lora_forward needs images x or tokens")
+        tokens = run_blocks(vit, embed(vit, x), 0, start_block)
+    inputs: dict[tuple[int, str], Tensor] = {}
+    h = tokens
+    for b in range(start_block, depth):
+        if b not in per_block:
+            h = vit.blocks[b](h)
+            continue
+        fns = {layer: _observed(d, (b, layer), inputs if return_inputs else None)
+               for layer, d in per_block[b].items()}
+        h = block_forward(vit.blocks[b], h, linear_deltas=fns)
+    feat = final_cls(vit, h)
+    return (feat, inputs) if return_inputs else feat
+
+
+def _observed(d: Delta | None, key: tuple[int, str], inputs: dict | None):
+    def fn(y: Tensor) -> Tensor | None:
+        if inputs is not None:
+            inputs[key] = y
+        return None if d is None else d.delta(y)
+    return fn

@@ -9,6 +9,10 @@ branch) with two insertion points inside attention:
 * ``prefix_kv``: per-sample key/value prefixes concatenated after the head split (prefix tuning, see
   ``prompts.py``); queries are unchanged, so the output keeps the input's token count.
 
+and, through ``linear_deltas``, an additive change of any of the block's four linears' outputs (``qkv``,
+``proj``, ``fc1``, ``fc2``; LoRA on any linear, see ``lora.py``). With ``fc1``/``fc2`` changed, the MLP
+is recomputed as timm's ``Mlp`` (fc1, act, drop1, norm, fc2, drop2).
+
 With neither, :func:`block_forward` equals ``block(h)``. Works on any
 ``timm.models.vision_transformer.VisionTransformer`` whose blocks are pre-norm ``Block`` s with a fused
 ``attn.qkv`` linear (every ViT/DeiT/AugReg/CLIP-style ViT in timm).
@@ -16,13 +20,15 @@ With neither, :func:`block_forward` equals ``block(h)``. Works on any
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "LINEAR_LAYERS",
+    "LinearDelta",
     "QKVDelta",
     "block_forward",
     "check_block",
@@ -36,8 +42,16 @@ __all__ = [
 #: ``(B, N, d)`` to such a tensor.
 QKVDelta = Tensor | Callable[[Tensor], Tensor]
 
+#: A change of one linear's output: maps the linear's input ``(B, N, d_in)`` to ``(B, N, d_out)`` or to
+#: ``None`` (no change; lets a caller only observe the input).
+LinearDelta = Callable[[Tensor], Tensor | None]
+
+#: The block linears ``linear_deltas`` can change, in forward order.
+LINEAR_LAYERS: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "num_heads", "q_norm", "k_norm", "proj", "proj_drop", "attn_drop")
+_MLP_PARTS = ("fc1", "act", "drop1", "norm", "fc2", "drop2")
 
 
 def embed(vit: nn.Module, x: Tensor) -> Tensor:
@@ -95,6 +109,7 @@ def block_forward(
         h: Tensor,
         qkv_delta: QKVDelta | None = None,
         prefix_kv: tuple[Tensor, Tensor] | None = None,
+        linear_deltas: Mapping[str, LinearDelta] | None = None,
 ) -> Tensor:
     """One timm ``Block`` computed functionally on ``h`` ``(B, N, d)`` -> ``(B, N, d)``.
 
@@ -104,11 +119,48 @@ def block_forward(
         qkv_delta: added to the qkv projection's output, see :data:`QKVDelta`.
         prefix_kv: ``(pk, pv)``, each ``(B, Lp, d)`` (or ``(1, Lp, d)``, shared by the batch): keys and values
             prepended per sample after the head split. ``Lp = 0`` is allowed and changes nothing.
+        linear_deltas: ``{layer: delta}`` for layers in :data:`LINEAR_LAYERS`, each added to that linear's
+            output (see :data:`LinearDelta`); ``"qkv"`` here and ``qkv_delta`` are exclusive.
     """
     check_block(block)
-    attn_out = _attention(block.attn, block.norm1(h), qkv_delta, prefix_kv)
+    deltas = dict(linear_deltas or {})
+    unknown = sorted(set(deltas) - set(LINEAR_LAYERS))
+    if unknown:
+        raise ValueError(f"linear_deltas: unknown layers {unknown}; choose from {LINEAR_LAYERS}")
+    if qkv_delta is not None and "qkv" in deltas:
+        raise ValueError("give the qkv change either as qkv_delta or as linear_deltas['qkv'], not both")
+    if qkv_delta is None:
+        qkv_delta = deltas.get("qkv")
+    attn_out = _attention(block.attn, block.norm1(h), qkv_delta, prefix_kv, deltas.get("proj"))
     h = h + block.drop_path1(block.ls1(attn_out))
-    return h + block.drop_path2(block.ls2(block.mlp(block.norm2(h))))
+    y = block.norm2(h)
+    if "fc1" in deltas or "fc2" in deltas:
+        mlp_out = _mlp(block.mlp, y, deltas.get("fc1"), deltas.get("fc2"))
+    else:
+        mlp_out = block.mlp(y)
+    return h + block.drop_path2(block.ls2(mlp_out))
+
+
+def _changed_linear(layer: nn.Module, x: Tensor, delta: LinearDelta | None, name: str) -> Tensor:
+    """``layer(x)`` plus ``delta(x)`` (cast to the output's dtype), shape-checked."""
+    out = layer(x)
+    change = None if delta is None else delta(x)
+    if change is None:
+        return out
+    if change.shape != out.shape:
+        raise ValueError(f"the {name} delta must have the {name} output's shape {tuple(out.shape)}, "
+                         f"got {tuple(change.shape)}")
+    return out + change.to(out.dtype)
+
+
+def _mlp(mlp: nn.Module, y: Tensor, fc1_delta: LinearDelta | None, fc2_delta: LinearDelta | None) -> Tensor:
+    """timm ``Mlp.forward`` on ``y`` with changes of fc1's and fc2's outputs."""
+    missing = [p for p in _MLP_PARTS if not hasattr(mlp, p)]
+    if missing or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+        raise ValueError(f"LoRA on fc1/fc2 supports timm's Mlp (fc1, act, drop1, norm, fc2, drop2 with linear "
+                         f"fc1/fc2); {type(mlp).__name__} lacks {missing or 'linear fc1/fc2'}")
+    x = mlp.drop1(mlp.act(_changed_linear(mlp.fc1, y, fc1_delta, "fc1")))
+    return mlp.drop2(_changed_linear(mlp.fc2, mlp.norm(x), fc2_delta, "fc2"))
 
 
 def _attention(
@@ -116,15 +168,18 @@ def _attention(
         y: Tensor,
         qkv_delta: QKVDelta | None,
         prefix_kv: tuple[Tensor, Tensor] | None,
+        proj_delta: LinearDelta | None = None,
 ) -> Tensor:
-    """timm ``Attention.forward`` on normed tokens ``y`` ``(B, N, d)`` with the two insertion points."""
+    """timm ``Attention.forward`` on normed tokens ``y`` ``(B, N, d)`` with the insertion points."""
     b, n, _ = y.shape
     heads = attn.num_heads
     attn_dim = attn.qkv.out_features // 3
     head_dim = attn_dim // heads
     qkv = F.linear(y, attn.qkv.weight, attn.qkv.bias)
+    delta = None
     if qkv_delta is not None:
         delta = qkv_delta(y) if callable(qkv_delta) else qkv_delta
+    if delta is not None:
         if delta.shape != qkv.shape:
             raise ValueError(f"qkv_delta must have the qkv output's shape {tuple(qkv.shape)}, "
                              f"got {tuple(delta.shape)}")
@@ -149,7 +204,7 @@ def _attention(
     gate = getattr(attn, "gate", None)
     if gate is not None:
         x = x * gate(y).sigmoid()
-    return attn.proj_drop(attn.proj(x))
+    return attn.proj_drop(_changed_linear(attn.proj, x, proj_delta, "proj"))
 
 
 def _split_heads(p: Tensor, batch: int, heads: int, head_dim: int, name: str) -> Tensor:
