@@ -205,7 +205,7 @@ def test_one_client_one_task_merged_model_predicts_like_the_clients_own(ws):
     down = server.aggregate({0: up}, info)
     own = {k: (client.A[k], client.B[k]) for k in client.layers}
     client.receive(down[0], "round")
-    for k, (A, B) in own.items():  # one client: the closed-form B is its own (A G A^T is invertible)
+    for k, (_, B) in own.items():  # one client: the closed-form B is its own (A G A^T is invertible)
         torch.testing.assert_close(client.B[k], B, atol=1e-5, rtol=1e-4)
     client.receive(server.end_task(0)[0], "end")
     for k, (A, B) in own.items():
