@@ -18,7 +18,8 @@ from pathlib import Path
 from fcl_bench.api import Method
 from fcl_bench.paths import PathError, check_token
 
-BUILTIN_MODULES = ["fedavg", "fedprox", "fedvit", "l2p", "dualprompt", "fedlscl", "lorm"]
+BUILTIN_MODULES = ["fedavg", "fedprox", "glfc", "target", "mfcl", "fedvit", "l2p", "dualprompt", "fedmgp",
+                   "pilora", "lorm", "fedlscl"]
 ENTRY_POINT_GROUP = "fcl_bench.methods"
 
 

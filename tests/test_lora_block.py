@@ -68,14 +68,18 @@ def random_shared(vit, block: int, layer: str, seed: int, rank: int = 3, scale: 
     return SharedLoRA(rand(rank, d_in, seed=seed), rand(d_out, rank, seed=seed + 1), scale)
 
 
+def linear_of(vit, b: int, layer: str) -> torch.nn.Linear:
+    """The module a layer name stands for, looked up here independently of the block's own table."""
+    blk = vit.blocks[b]
+    return {"qkv": blk.attn.qkv, "proj": blk.attn.proj, "fc1": blk.mlp.fc1, "fc2": blk.mlp.fc2}[layer]
+
+
 def merged_features(vit, updates: dict[tuple[int, str], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """Reference: a deep copy of the ViT whose linears hold ``W + update``, through timm's forward."""
     ref = copy.deepcopy(vit)
     with torch.no_grad():
         for (b, layer), upd in updates.items():
-            parent, name = {"qkv": ("attn", "qkv"), "proj": ("attn", "proj"), "fc1": ("mlp", "fc1"),
-                            "fc2": ("mlp", "fc2")}[layer]
-            getattr(getattr(ref.blocks[b], parent), name).weight.add_(upd)
+            linear_of(ref, b, layer).weight.add_(upd)
     return ref.forward_features(x)[:, 0]
 
 
@@ -106,8 +110,7 @@ def test_each_layer_alone_and_f_linear_delta() -> None:
             torch.testing.assert_close(lora_forward(vit, x, {(b, layer): lo}),
                                        merged_features(vit, {(b, layer): lo.weight()}, x), **TOL)
             y = rand(2, 5, lo.A.shape[1], seed=99)
-            lin = {"qkv": vit.blocks[b].attn.qkv, "proj": vit.blocks[b].attn.proj, "fc1": vit.blocks[b].mlp.fc1,
-                   "fc2": vit.blocks[b].mlp.fc2}[layer]
+            lin = linear_of(vit, b, layer)
             merged = F.linear(y, lin.weight + lo.scale * lo.B @ lo.A, lin.bias)
             torch.testing.assert_close(lin(y) + lo.delta(y), merged, **TOL)
 
@@ -188,13 +191,9 @@ def test_returned_inputs_equal_forward_hooks() -> None:
     seen = {}
     with torch.no_grad():
         for (b, layer), upd in updates.items():
-            lin = {"qkv": ref.blocks[b].attn.qkv, "proj": ref.blocks[b].attn.proj, "fc1": ref.blocks[b].mlp.fc1,
-                   "fc2": ref.blocks[b].mlp.fc2}[layer]
-            lin.weight.add_(upd)
+            linear_of(ref, b, layer).weight.add_(upd)
     for (b, layer) in deltas:
-        lin = {"qkv": ref.blocks[b].attn.qkv, "proj": ref.blocks[b].attn.proj, "fc1": ref.blocks[b].mlp.fc1,
-               "fc2": ref.blocks[b].mlp.fc2}[layer]
-        lin.register_forward_hook(lambda m, args, out, key=(b, layer): seen.__setitem__(key, args[0]))
+        linear_of(ref, b, layer).register_forward_hook(lambda m, args, out, key=(b, layer): seen.__setitem__(key, args[0]))
     expected = ref.forward_features(x)[:, 0]
     torch.testing.assert_close(feat, expected, **TOL)
     for k in deltas:
