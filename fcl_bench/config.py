@@ -119,29 +119,35 @@ and where it runs -- the fields of :class:`RunConfig` marked ``_shared``. Runs w
 are equal share data, scenario, foundation model and feature cache (the executor keys its workspaces by it)."""
 
 
+#: ``server_per_class``: every preset with public classes reserves a small server-held split (training samples
+#: of each public class that no client holds; FedMGP distils its global prompts on it, other methods ignore
+#: it): 2 of 16 per class on smoke, 8 of 80 on quick, 20 of 500 on paper-cifar100 (the official FedMGP
+#: ``surrogate_num``, which it draws from the test split). paper-imagenet-r has no public classes, so no split.
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds: for tests and a first look
     "smoke": dict(dataset="synthetic", foundation="tiny", small_models=["mobilenetv3_small_050"], small_width=64,
                   clients=2, private=2, public=2, tasks=2, classes_per_task=2, rounds_per_task=1, epochs=1,
-                  batch_size=32, train_per_class=16, test_per_class=8, alpha=1.0),
+                  batch_size=32, train_per_class=16, test_per_class=8, alpha=1.0, server_per_class=2),
     # minutes on a laptop CPU for every method; the default of `fcl-bench run`
     "quick": dict(dataset="synthetic", foundation="tiny", small_models=["mobilenetv3_small_050"], small_width=128,
                   clients=3, private=4, public=8, tasks=3, classes_per_task=4, rounds_per_task=2, epochs=1,
-                  batch_size=32, train_per_class=80, test_per_class=40, alpha=0.5),
+                  batch_size=32, train_per_class=80, test_per_class=40, alpha=0.5, server_per_class=8),
     # the paper's protocol (section 5.1): ViT-B/16 at 224, resnet18 clients, Adam lr 1e-3
     "paper-cifar100": dict(dataset="cifar100", foundation="vit_base_patch16_224.augreg_in21k_ft_in1k",
                            small_models=["resnet18"], small_width=512, clients=5, private=15, public=25,
                            tasks=5, classes_per_task=8, rounds_per_task=5, epochs=1, batch_size=64,
-                           alpha=0.5),
+                           alpha=0.5, server_per_class=20),
     "paper-imagenet-r": dict(dataset="imagenet-r", foundation="vit_base_patch16_224.augreg_in21k_ft_in1k",
                              small_models=["resnet18"], small_width=512, clients=5, private=40, public=0,
                              tasks=5, classes_per_task=8, rounds_per_task=5, epochs=1, batch_size=64,
                              alpha=0.5),
 }
 PRESET_HELP = {
-    "smoke": "seconds: 2 clients, 2 tasks x 2 classes, tiny data (tests)",
-    "quick": "minutes on CPU: 3 clients, 3 tasks x 4 classes, synthetic data, tiny pretrained ViT (default)",
-    "paper-cifar100": "paper protocol on CIFAR-100: 5 clients, 15 private + 25 public, 5 tasks x 8, ViT-B/16",
+    "smoke": "seconds: 2 clients, 2 tasks x 2 classes, tiny data, 2 server-held samples per public class (tests)",
+    "quick": "minutes on CPU: 3 clients, 3 tasks x 4 classes, synthetic data, tiny pretrained ViT, 8 server-held samples per "
+             "public class (default)",
+    "paper-cifar100": "paper protocol on CIFAR-100: 5 clients, 15 private + 25 public, 5 tasks x 8, ViT-B/16, "
+                      "20 server-held samples per public class",
     "paper-imagenet-r": "paper protocol on ImageNet-R: 5 clients, 40 private, 0 public, 5 tasks x 8, ViT-B/16",
 }
 

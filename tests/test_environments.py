@@ -57,7 +57,8 @@ def test_the_server_holds_a_split_no_client_has(ws):
     with pytest.raises(PermissionError):
         env.features.cls(ws.train_view(0, 0).batch(np.arange(2)))
     assert env.server_data.split == "train" and all(v is not ws.dataset.test for v in vars(env).values())
-    plain = federation(FedViT, FedViTConfig(), workspace(smoke_config()), smoke_config())
+    no_split = smoke_config(server_per_class="0")
+    plain = federation(FedViT, FedViTConfig(), workspace(no_split), no_split)
     assert plain.server_env.server_data is None and plain.server_env.scenario.server_samples == 0
 
 
