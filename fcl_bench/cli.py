@@ -132,8 +132,10 @@ def common(f):
 @click.option("--keep-checkpoints", is_flag=True,
               help="keep each run's task-boundary checkpoint (all clients' and the server's state) when it completes")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--executor", default="in-process", show_default=True, type=click.Choice(["in-process", "flower-sim"]),
+              help="where the clients run: this process, or Flower's simulation runtime (needs fcl-bench[flower])")
 def run(methods, preset, dataset, data_root, download, foundation, foundation_weights, overrides, seeds, out,
-        suite, device, plugins, flops, threads, force, keep_checkpoints, quiet):
+        suite, device, plugins, flops, threads, force, keep_checkpoints, quiet, executor):
     """Run methods (or a suite) on a preset; results go to OUT/SUITE/LABEL/DATASET/seedK/, where SUITE is the
     suite's name or, for plain runs, the preset's."""
     from fcl_bench import registry
@@ -172,7 +174,7 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
         for p in plan:  # every method config is validated before any data is loaded
             _method_config(classes[p.method], p.overrides)
         specs = _specs(plan, base, seed_list, out, results_name, force=force, flops=flops, quiet=quiet,
-                       keep_checkpoints=keep_checkpoints, plugins=tuple(plugins))
+                       keep_checkpoints=keep_checkpoints, plugins=tuple(plugins), executor=executor)
         from fcl_bench.executor import preflight
 
         preflight(specs)  # what would fail every run the same way is reported once, before anything runs

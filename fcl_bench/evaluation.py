@@ -34,27 +34,39 @@ def new_tallies(num_clients: int, num_tasks: int) -> tuple[dict[str, np.ndarray]
 
 
 @torch.no_grad()
+def evaluate_client(ws: Workspace, c: int, client: Client, env: ClientEnv, t: int, who: str,
+                    amp: bool) -> dict[str, list[int]]:
+    """Client ``c`` after task ``t``, through ``predict`` on its own test sets of tasks ``0..t``: correct
+    predictions per task in each space (``client``, ``global``) and the test set sizes (``total``)."""
+    sc = ws.scenario
+    glob = torch.as_tensor(sc.all_seen_classes(t), device=ws.device)
+    own = torch.as_tensor(sc.seen_classes(c, t), device=ws.device)
+    out: dict[str, list[int]] = {"client": [], "global": [], "total": []}
+    view = env.features
+    with view.open_test() if view is not None else nullcontext():
+        for i in range(t + 1):
+            data = ws.test_view(c, i)
+            n_c = n_g = 0
+            for batch in data.batches(ws.cfg.eval_batch_size):
+                with torch.autocast(ws.device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = client.predict(batch)
+                check_logits(logits, len(batch), sc.num_classes, f"{who} client {c}")
+                n_c += restricted_correct(logits, batch.y, own)
+                n_g += restricted_correct(logits, batch.y, glob)
+            out["client"].append(n_c)
+            out["global"].append(n_g)
+            out["total"].append(len(data))
+    return out
+
+
 def evaluate(ws: Workspace, clients: Mapping[int, Client], envs: Mapping[int, ClientEnv], t: int,
              correct: dict[str, np.ndarray], total: np.ndarray, who: str, amp: bool) -> None:
     """Fill ``correct[:, :, t, :t+1]`` and ``total[:, :t+1]`` after task ``t``."""
-    sc = ws.scenario
-    glob = torch.as_tensor(sc.all_seen_classes(t), device=ws.device)
     for c, client in clients.items():
-        own = torch.as_tensor(sc.seen_classes(c, t), device=ws.device)
-        view = envs[c].features
-        with view.open_test() if view is not None else nullcontext():
-            for i in range(t + 1):
-                data = ws.test_view(c, i)
-                n_c = n_g = 0
-                for batch in data.batches(ws.cfg.eval_batch_size):
-                    with torch.autocast(ws.device.type, dtype=torch.bfloat16, enabled=amp):
-                        logits = client.predict(batch)
-                    check_logits(logits, len(batch), sc.num_classes, f"{who} client {c}")
-                    n_c += restricted_correct(logits, batch.y, own)
-                    n_g += restricted_correct(logits, batch.y, glob)
-                correct["client"][c, t, i] = n_c
-                correct["global"][c, t, i] = n_g
-                total[c, i] = len(data)
+        counts = evaluate_client(ws, c, client, envs[c], t, who, amp)
+        for s in SPACES:
+            correct[s][c, t, : t + 1] = counts[s]
+        total[c, : t + 1] = counts["total"]
 
 
 def accuracy_after(correct: np.ndarray, total: np.ndarray, t: int) -> float:

@@ -52,6 +52,7 @@ class RunSpec:
     keep_checkpoints: bool = False
     plugins: tuple[str, ...] = ()
     command: str = ""
+    executor: str = "in-process"  # in-process | flower-sim (fcl_bench.flower)
 
     @property
     def seed(self) -> int:
@@ -212,12 +213,17 @@ def _run_locked(spec: RunSpec, rec: RunRecord, echo: Callable[[str], None], err:
         write_config(mcfg)  # also for runs that fail
         fp = fingerprint(spec, mcfg, ws.scenario.hash)
         resume = _load_resumable(rec, fp, log) if had_checkpoint else None
-        fed = Federation(cls, mcfg, ws, spec.run, log=log, progress=not spec.quiet, flops=spec.flops)
-        fed.fingerprint = fp
-        if resume is not None:
-            fed.restore(resume)
-            log(f"   resumed from the checkpoint after task {fed.next_task}/{fed.T}")
-        result = fed.run(checkpoint=rec.path / CHECKPOINT, keep_final=spec.keep_checkpoints)
+        if spec.executor == "in-process":
+            fed = Federation(cls, mcfg, ws, spec.run, log=log, progress=not spec.quiet, flops=spec.flops)
+            fed.fingerprint = fp
+            if resume is not None:
+                fed.restore(resume)
+                log(f"   resumed from the checkpoint after task {fed.next_task}/{fed.T}")
+            result = fed.run(checkpoint=rec.path / CHECKPOINT, keep_final=spec.keep_checkpoints)
+        else:
+            from fcl_bench.flower import run_spec
+
+            result = run_spec(spec, cls, mcfg, ws, rec.path, log)
         write_config(result.method_config)  # as resolved, with the foundation model's description
         rec.finish(result.metrics, result.rounds, result.seconds)
         if not spec.keep_checkpoints:

@@ -14,7 +14,8 @@ uninterrupted run's (timings aside).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,13 @@ from fcl_bench.api import (
 )
 from fcl_bench.checks import check_payload
 from fcl_bench.config import RunConfig
-from fcl_bench.evaluation import SPACES, accuracy_after, evaluate, new_tallies
+from fcl_bench.evaluation import SPACES, accuracy_after, evaluate_client, new_tallies
 from fcl_bench.metrics import summarise
 from fcl_bench.nn.cache import FeatureView
 from fcl_bench.nn.small import build_small_model
 from fcl_bench.workspace import Workspace
 
-__all__ = ["Federation", "RunResult", "participants"]
+__all__ = ["Federation", "RngStreams", "RunResult", "participants"]
 
 #: rounds.csv columns that hold timings or memory: they differ between otherwise identical runs.
 TIMING_KEYS = ("wall_seconds", "client_train_seconds", "server_seconds", "seconds", "peak_memory_bytes",
@@ -73,6 +74,44 @@ def participants(num_clients: int, fraction: float, seed: int, task: int, rnd: i
     return tuple(sorted(int(c) for c in rng.choice(num_clients, size=n, replace=False)))
 
 
+def stream_seed(seed: int, party: int) -> int:
+    """The seed of party ``party``'s global RNG stream (client id, or -1 for the server)."""
+    return int(np.random.SeedSequence([seed, 0x5EED, party + 1]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+class RngStreams:
+    """Every party's own global RNG (torch CPU and CUDA, numpy): what a client or the server draws from
+    ``torch.rand*``, ``torch.nn.init``, dropout or ``np.random`` never depends on another party's calls, as
+    in a real federation where each runs in its own process. :meth:`party` swaps a party's stream in for a
+    call and saves it afterwards; the caller's own RNG state is restored. ``states`` (party -> the
+    :func:`fcl_bench.state.rng_state` of its stream) is checkpointed, and a Flower client keeps its own
+    stream in its Flower context."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.states: dict[int, S.State] = {}
+
+    def fresh(self, party: int) -> S.State:
+        """The stream of ``party`` before its first draw."""
+        outer = S.rng_state()
+        try:
+            torch.manual_seed(stream_seed(self.seed, party))
+            np.random.seed(stream_seed(self.seed, party) % 2**32)
+            return S.rng_state()
+        finally:
+            S.set_rng_state(outer)
+
+    @contextmanager
+    def party(self, party: int) -> Iterator[None]:
+        outer = S.rng_state()
+        S.set_rng_state(self.states[party] if party in self.states else self.fresh(party))
+        try:
+            yield
+        finally:
+            self.states[party] = S.rng_state()
+            S.set_rng_state(outer)
+
+
 def scenario_info(ws: Workspace, rounds_per_task: int) -> ScenarioInfo:
     sc = ws.scenario
     return ScenarioInfo(num_classes=sc.num_classes, num_clients=sc.num_clients, num_tasks=sc.num_tasks,
@@ -80,6 +119,52 @@ def scenario_info(ws: Workspace, rounds_per_task: int) -> ScenarioInfo:
                         client_tasks=[[list(t) for t in ct] for ct in sc.client_tasks],
                         train_sizes=[[len(ix) for ix in ci] for ci in sc.train_indices],
                         public_classes=list(sc.public_classes), server_samples=int(len(sc.server_indices)))
+
+
+def env_fields(ws: Workspace, run: RunConfig, fm: Any, amp: torch.dtype | None,
+               log: Callable[[str], None]) -> dict:
+    """The fields every environment of a run shares (:class:`~fcl_bench.api.MethodEnv`'s)."""
+    return dict(scenario=scenario_info(ws, run.rounds_per_task), device=ws.device, amp_dtype=amp,
+                foundation=fm, small_archs=list(run.small_models), small_width=run.small_width,
+                seed=run.seed, batch_size=run.batch_size, epochs=run.epochs,
+                eval_batch_size=run.eval_batch_size, participation=run.participation, log=log,
+                _make_small=build_small_model)
+
+
+def client_env(ws: Workspace, c: int, common: dict) -> ClientEnv:
+    """Client ``c``'s environment: its own data (of the tasks started so far) and nothing else."""
+    view = FeatureView(ws.features, f"client {c}") if common["foundation"] is not None else None
+    env = ClientEnv(**common, client_id=c, features=view)
+
+    def task_of(t: int, _c=c) -> Task:
+        return Task(index=t, classes=list(ws.scenario.client_tasks[_c][t]),
+                    seen_classes=ws.scenario.seen_classes(_c, t), train=ws.train_view(_c, t))
+
+    def own(_env=env, _c=c) -> np.ndarray:
+        return np.concatenate([ws.scenario.train_indices[_c][t] for t in range(_env._tasks_started)] or
+                              [np.empty(0, np.int64)])
+
+    env._task_of, env._own_train, env._make_view = task_of, own, ws.view
+    return env
+
+
+def open_task(ws: Workspace, env: ClientEnv, t: int) -> Task:
+    """Make task ``t`` visible to ``env``'s client (its data, its features) and return it."""
+    env._tasks_started = max(env._tasks_started, t + 1)
+    if env.features is not None:
+        env.features.allow("train", ws.scenario.train_indices[env.client_id][t])
+    return env.task(t)
+
+
+def train_client(client: Client, info: RoundInfo, acct: Accountant, c: int, declared: tuple[str, ...],
+                 method: str) -> tuple[wire.Message, Measurement, int]:
+    """Client ``c``'s round: ``train_round`` measured, its upload checked and serialised (the bytes that
+    travel), and its trainable parameter count."""
+    with acct.measure(c, info.task) as m:
+        up = client.train_round(info)
+    who = f"client {c} upload"
+    check_payload(up, f"{method}: {who}", declared)
+    return wire.encode(up, who), m, client.trainable_parameters()
 
 
 @dataclass
@@ -107,24 +192,24 @@ class Federation:
         np.random.seed(run.seed % 2**32)
         self.t_start = time.perf_counter()
         self.amp = torch.bfloat16 if (run.amp and ws.device.type == "cuda") else None
-        common = dict(scenario=scenario_info(ws, run.rounds_per_task), device=ws.device, amp_dtype=self.amp,
-                      foundation=fm, small_archs=list(run.small_models), small_width=run.small_width,
-                      seed=run.seed, batch_size=run.batch_size, epochs=run.epochs,
-                      eval_batch_size=run.eval_batch_size, participation=run.participation, log=log,
-                      _make_small=build_small_model)
+        common = env_fields(ws, run, fm, self.amp, log)
+        self.common = common
         self.method_env = MethodEnv(**common)
         self.method = method_cls(method_cfg, self.method_env)
         sc = ws.scenario
         self.K, self.T, self.R = sc.num_clients, sc.num_tasks, run.rounds_per_task
-        self.client_envs: dict[int, ClientEnv] = {c: self._client_env(c, common) for c in range(self.K)}
-        self.clients: dict[int, Client] = {c: self.method.client(c, self.client_envs[c]) for c in range(self.K)}
+        self.streams = RngStreams(run.seed)
+        self.client_envs: dict[int, ClientEnv] = {}
+        self.clients: dict[int, Client] = {}
+        self._build_clients()
         server_data = ws.server_view()
         view = None
         if fm is not None and server_data is not None:
             view = FeatureView(ws.features, "server")
             view.allow("train", server_data.indices)
         self.server_env = ServerEnv(**common, server_data=server_data, features=view)
-        self.server: Server = self.method.server(self.server_env)
+        with self.streams.party(-1):
+            self.server: Server = self.method.server(self.server_env)
         self.acct = Accountant(ws.device, flops)
         self.flops_mode = flops
         self.tally = _Tally()
@@ -135,47 +220,32 @@ class Federation:
         self._fill0 = ws.features.fill_totals() if ws.features is not None else None
 
     # -- environments ------------------------------------------------------------------------------
-    def _client_env(self, c: int, common: dict) -> ClientEnv:
-        ws = self.ws
-        view = FeatureView(ws.features, f"client {c}") if common["foundation"] is not None else None
-        env = ClientEnv(**common, client_id=c, features=view)
-
-        def task_of(t: int, _c=c) -> Task:
-            return Task(index=t, classes=list(ws.scenario.client_tasks[_c][t]),
-                        seen_classes=ws.scenario.seen_classes(_c, t), train=ws.train_view(_c, t))
-
-        def own(_env=env, _c=c) -> np.ndarray:
-            return np.concatenate([ws.scenario.train_indices[_c][t] for t in range(_env._tasks_started)] or
-                                  [np.empty(0, np.int64)])
-
-        env._task_of, env._own_train, env._make_view = task_of, own, ws.view
-        return env
+    def _build_clients(self) -> None:
+        """Every client, each built on its own RNG stream (an engine whose clients live elsewhere overrides
+        this and the ``_deliver``/``_start_clients``/``_train_clients``/``_end_clients`` steps)."""
+        for c in range(self.K):
+            self.client_envs[c] = client_env(self.ws, c, self.common)
+            with self.streams.party(c):
+                self.clients[c] = self.method.client(c, self.client_envs[c])
 
     def open_task(self, c: int, t: int) -> Task:
         """Make task ``t`` visible to client ``c`` (its data, its features) and return it."""
-        env = self.client_envs[c]
-        env._tasks_started = max(env._tasks_started, t + 1)
-        if env.features is not None:
-            env.features.allow("train", self.ws.scenario.train_indices[c][t])
-        return env.task(t)
+        return open_task(self.ws, self.client_envs[c], t)
 
     # -- the wire ----------------------------------------------------------------------------------
-    def _send(self, payload: Any, who: str, declared: tuple[str, ...] | None = None) -> tuple[Payload, wire.Message]:
-        check_payload(payload, f"{self.name}: {who}", declared)
-        return wire.transmit(payload, self.ws.device, who)
-
-    def _download(self, downloads: Any, kind: DownloadKind, what: str) -> dict[int, int]:
+    def _encode_downloads(self, downloads: Any, what: str) -> dict[int, wire.Message]:
+        """A server step's downloads, checked and serialised: client id -> the bytes that travel."""
         if not isinstance(downloads, Mapping):
             raise TypeError(f"{self.name}: Server.{what} must return a dict client id -> payload, "
                             f"got {type(downloads).__name__}")
-        sent = {}
+        msgs = {}
         for c, payload in downloads.items():
-            if c not in self.clients:
+            if not (isinstance(c, int) and 0 <= c < self.K):
                 raise KeyError(f"{self.name}: Server.{what} addressed client {c!r}; clients are 0..{self.K - 1}")
-            recv, msg = self._send(payload, f"server {what} download to client {c}")
-            self.clients[c].receive(recv, kind)
-            sent[c] = msg.nbytes
-        return sent
+            who = f"server {what} download to client {c}"
+            check_payload(payload, f"{self.name}: {who}")
+            msgs[c] = wire.encode(payload, who)
+        return msgs
 
     def _server_row(self, t: int, r: int, step: str, m: Measurement, bytes_down: int) -> None:
         # the bytes this step sent are the clients' bytes_down: counted there, shown here, never summed twice
@@ -186,63 +256,101 @@ class Federation:
                                     server_flops_measured=m.flops_measured,
                                     server_peak_memory_bytes=m.peak_memory_bytes, memory_kind=m.memory_kind))
 
+    # -- the client side: what an engine whose clients live elsewhere replaces ----------------------
+    def _deliver(self, msgs: Mapping[int, wire.Message], kind: DownloadKind) -> None:
+        """Hand each addressed client its download."""
+        for c, msg in msgs.items():
+            with self.streams.party(c):
+                self.clients[c].receive(wire.decode(msg, self.ws.device), kind)
+
+    def _start_clients(self, t: int, msgs: Mapping[int, wire.Message]) -> None:
+        """The task-start downloads, then every client's ``start_task``."""
+        self._deliver(msgs, "start")
+        for c in range(self.K):
+            with self.streams.party(c):
+                self.clients[c].start_task(self.open_task(c, t))
+
+    def _train_clients(self, info: RoundInfo, bar=None) -> dict[int, tuple[wire.Message, Measurement, int]]:
+        """The participants' rounds: client id -> (upload message, measurement, trainable parameters)."""
+        out = {}
+        for c in info.participants:
+            if bar is not None:
+                bar.set_postfix_str(f"task {info.task + 1}/{self.T} round {info.round + 1}/{self.R} "
+                                    f"client {c + 1}/{self.K}")
+            with self.streams.party(c):
+                out[c] = train_client(self.clients[c], info, self.acct, c, tuple(self.method.uploads), self.name)
+            if bar is not None:
+                bar.update(1)
+        return out
+
+    def _end_clients(self, t: int, msgs: Mapping[int, wire.Message]) -> None:
+        """The end-of-task downloads, every client's ``end_task``, then every client's evaluation (fills
+        ``self.correct`` and ``self.total``)."""
+        self._deliver(msgs, "end")
+        for c in range(self.K):
+            with self.streams.party(c):
+                self.clients[c].end_task()
+        for c in range(self.K):
+            with self.streams.party(c):
+                counts = evaluate_client(self.ws, c, self.clients[c], self.client_envs[c], t, self.name,
+                                         amp=self.amp is not None)
+            self.record_counts(c, t, counts)
+
+    def record_counts(self, c: int, t: int, counts: dict[str, list[int]]) -> None:
+        for s in SPACES:
+            self.correct[s][c, t, : t + 1] = counts[s]
+        self.total[c, : t + 1] = counts["total"]
+
     # -- the schedule ------------------------------------------------------------------------------
     def start_task(self, t: int) -> None:
-        with self.acct.measure("server:start", t) as m:
+        with self.acct.measure("server:start", t) as m, self.streams.party(-1):
             downloads = self.server.start_task(t)
-        sent = self._download(downloads, "start", "start_task")
-        self._server_row(t, 0, "start", m, sum(sent.values()))
+        msgs = self._encode_downloads(downloads, "start_task")
+        self._server_row(t, 0, "start", m, sum(msg.nbytes for msg in msgs.values()))
         for c in range(self.K):
-            if c in sent:
+            if c in msgs:
                 self.tally.rows.append(dict(task=t, round=0, client=c, phase="start", bytes_up=0,
-                                            bytes_down=sent[c], train_seconds=0.0, flops=0, flops_measured=True))
-            self.clients[c].start_task(self.open_task(c, t))
+                                            bytes_down=msgs[c].nbytes, train_seconds=0.0, flops=0,
+                                            flops_measured=True))
+        self._start_clients(t, msgs)
 
     def run_round(self, t: int, r: int, bar=None) -> None:
         info = RoundInfo(task=t, round=r, rounds_per_task=self.R,
                          participants=participants(self.K, self.run_cfg.participation, self.run_cfg.seed, t, r))
         uploads: dict[int, Payload] = {}
         rows: dict[int, dict] = {}
-        for c in info.participants:
-            if bar is not None:
-                bar.set_postfix_str(f"task {t + 1}/{self.T} round {r + 1}/{self.R} client {c + 1}/{self.K}")
-            with self.acct.measure(c, t) as m:
-                up = self.clients[c].train_round(info)
-            uploads[c], msg = self._send(up, f"client {c} upload", tuple(self.method.uploads))
+        for c, (msg, m, trainable) in sorted(self._train_clients(info, bar).items()):
+            uploads[c] = wire.decode(msg, self.ws.device)
             self.tally.manifest[str(c)] = self.tally.manifest.get(str(c), {}) | {  # latest shape of every name
                 name: {"shape": list(shape), "dtype": dt, "bytes": nb} for name, shape, dt, nb in msg.manifest}
             rows[c] = dict(task=t, round=r, client=c, phase="round", bytes_up=msg.nbytes, bytes_down=0,
                            train_seconds=m.seconds, flops=m.flops, flops_measured=m.flops_measured,
                            peak_memory_bytes=m.peak_memory_bytes, memory_kind=m.memory_kind,
-                           trainable_params=self.clients[c].trainable_parameters(),
+                           trainable_params=trainable,
                            train_samples=len(self.ws.scenario.train_indices[c][t]))
-            if bar is not None:
-                bar.update(1)
-        with self.acct.measure("server:round", t) as sm:
+        with self.acct.measure("server:round", t) as sm, self.streams.party(-1):
             downloads = self.server.aggregate(uploads, info)
-        sent = self._download(downloads, "round", "aggregate")
-        for c, nbytes in sent.items():
+        msgs = self._encode_downloads(downloads, "aggregate")
+        self._deliver(msgs, "round")
+        for c, msg in msgs.items():
             if c in rows:
-                rows[c]["bytes_down"] = nbytes
+                rows[c]["bytes_down"] = msg.nbytes
             else:  # a client that sat the round out but was sent the new model
-                rows[c] = dict(task=t, round=r, client=c, phase="round_idle", bytes_up=0, bytes_down=nbytes,
+                rows[c] = dict(task=t, round=r, client=c, phase="round_idle", bytes_up=0, bytes_down=msg.nbytes,
                                train_seconds=0.0, flops=0, flops_measured=True)
         self.tally.rows.extend(rows[c] for c in sorted(rows))
-        self._server_row(t, r, "round", sm, sum(sent.values()))
+        self._server_row(t, r, "round", sm, sum(msg.nbytes for msg in msgs.values()))
 
     def end_task(self, t: int) -> float:
-        with self.acct.measure("server:end", t) as m:
+        with self.acct.measure("server:end", t) as m, self.streams.party(-1):
             extra = self.server.end_task(t)
-        sent = self._download(extra, "end", "end_task")
+        msgs = self._encode_downloads(extra, "end_task")
         for c in range(self.K):  # one row per client, so end-of-task bytes are never lost
             self.tally.rows.append(dict(task=t, round=self.R, client=c, phase="end_task", bytes_up=0,
-                                        bytes_down=sent.get(c, 0), train_seconds=0.0, flops=0,
-                                        flops_measured=True))
-        self._server_row(t, self.R, "end", m, sum(sent.values()))
-        for c in range(self.K):
-            self.clients[c].end_task()
-        evaluate(self.ws, self.clients, self.client_envs, t, self.correct, self.total, self.name,
-                 amp=self.amp is not None)
+                                        bytes_down=msgs[c].nbytes if c in msgs else 0, train_seconds=0.0,
+                                        flops=0, flops_measured=True))
+        self._server_row(t, self.R, "end", m, sum(msg.nbytes for msg in msgs.values()))
+        self._end_clients(t, msgs)
         acc = accuracy_after(self.correct["client"], self.total, t)
         self.log(f"[{self.name}] task {t + 1}/{self.T}: acc (client space) = {acc:.4f}")
         self.next_task = t + 1
@@ -274,7 +382,7 @@ class Federation:
         return {"next_task": self.next_task, "fingerprint": self.fingerprint,
                 "clients": {c: self.clients[c].state_dict() for c in range(self.K)},
                 "server": self.server.state_dict(),
-                "rng": S.rng_state(gens),
+                "rng": S.rng_state(gens), "streams": dict(self.streams.states),
                 "correct": {s: self.correct[s] for s in SPACES}, "total": self.total,
                 "rows": self.tally.rows, "manifest": self.tally.manifest,
                 "elapsed": time.perf_counter() - self.t_start}
@@ -300,10 +408,13 @@ class Federation:
         for c in range(self.K):
             for i in range(t):
                 self.open_task(c, i)
-            self.clients[c].load_state_dict(st["clients"][c])
-        self.server.load_state_dict(st["server"])
+            with self.streams.party(c):
+                self.clients[c].load_state_dict(st["clients"][c])
+        with self.streams.party(-1):
+            self.server.load_state_dict(st["server"])
         gens = {c: e.generator for c, e in self.client_envs.items()} | {-1: self.server_env.generator}
         S.set_rng_state(st["rng"], gens)
+        self.streams.states = {int(k): v for k, v in st.get("streams", {}).items()}
         self.correct = {s: np.array(st["correct"][s], dtype=float) for s in SPACES}
         self.total = np.array(st["total"], dtype=float)
         self.tally = _Tally(rows=list(st["rows"]), manifest=dict(st["manifest"]))
