@@ -46,7 +46,7 @@ round clock (``RoundInfo``), as the official one follows its global epoch counte
 Defaults and choices (the paper/code silent or not transferable):
 
 * ``loss_classes = "seen"``: BCE, the entropy and the prototype perturbation use the model's outputs of
-  the classes the client has seen (its learned and current classes), the client-side analogue of the
+  the classes the client has seen (the labels of every data it has held), the client-side analogue of the
   official model, whose outputs are the classes introduced so far (its head grows per task); the mean over
   those columns keeps the official loss scale, for which lr 2.0 was tuned. ``"all"`` uses every global
   class (targets 0 for the unseen ones): on the quick preset its mean over 100 columns barely moves the
@@ -56,7 +56,10 @@ Defaults and choices (the paper/code silent or not transferable):
   images per class) by the scenario's training samples per class: ``round(2000 * n_per_class / 500)``,
   ``n_per_class`` = all clients' training samples over the number of classes in use (80 on the quick preset
   -> 320 exemplars per client).
-* Learning rate: SGD lr 2.0, wd 1e-5 (official); optimiser re-created every round (official, no momentum);
+* Learning rate: SGD wd 1e-5 (official), lr ``2.0 * batch_size / 128`` (linear scaling of the official 2.0 at
+  batch 128; the run's batch size is used, 32 on the quick preset -> 0.5): lr 2.0 itself diverged (NaN loss)
+  at batch 8 on the smoke data and saturated every prediction (entropy 0, chance accuracy) on the quick
+  preset; optimiser re-created every round (official, no momentum);
   schedule ``official``: lr / 5, / 25, / 125 from 50%, 75%, 90% of a task's local epochs (the official
   100/150/180 of 200 epochs per task); batch size: the run's (official 128).
 * Named constants (``constants``): ``official`` = 50 perturbation steps, 250 L-BFGS steps of 20 inner
@@ -130,7 +133,7 @@ LENET_SEED_OFFSET = 0x61F  # the shared LeNet's seed: run seed + this, on every 
 @dataclass
 class GLFCConfig:
     constants: Literal["offline", "official"] = "offline"  # fills the None fields below
-    lr: float = 2.0                    # SGD (official)
+    lr: float | None = None            # SGD; None: 2.0 * batch_size / 128 (official 2.0 at batch 128)
     weight_decay: float = 1e-5
     lr_schedule: Literal["official", "constant"] = "official"
     loss_classes: Literal["seen", "all"] = "seen"
@@ -149,7 +152,7 @@ class GLFCConfig:
             raise ConfigError(f"glfc.constants must be one of {', '.join(GLFC_CONSTANTS)}; got '{self.constants}'")
         c = self.resolved()
         for name in ("lr", "perturb_lr", "lbfgs_lr", "entropy_threshold"):
-            if not getattr(c, name) > 0:
+            if getattr(c, name) is not None and not getattr(c, name) > 0:
                 raise ConfigError(f"glfc.{name} must be > 0, got {getattr(c, name)}")
         for name in ("lbfgs_steps", "lbfgs_max_iter", "keep_iterates"):
             if getattr(c, name) < 1:
@@ -286,21 +289,25 @@ class GLFCClient(Client):
         self.cfg, self.env, self.id = cfg, env, env.client_id
         self.model = _model(env, env.client_id)  # replaced by the server's w_0 before the first task
         self.memory = scaled_memory(cfg, env)
+        self.lr = cfg.lr if cfg.lr is not None else 2.0 * env.batch_size / 128
         self.detector = EntropyDetector(cfg.entropy_threshold)
         self.current: ClientData | None = None       # the data of the latest start_task
         self.pending: ClientData | None = None       # the data before it, until a detection memorises it
         self.learned: list[int] = []                 # classes this client has detected as old
+        self.seen: set[int] = set()                  # classes of all data it has held
         self.exemplars: dict[int, np.ndarray] = {}   # class -> dataset indices, herding order
         self.best: dict[str, dict[str, torch.Tensor] | None] = {"old1": None, "old2": None}
         self.old_state: dict[str, torch.Tensor] | None = None  # the old model it distils from
         self.old_model: Classifier | None = None
         self.entropies: list[tuple[int, int, float, bool]] = []  # (task, round, entropy, detected) per round
         self.old_model_changes = 0
+        self.perturb_stops = 0  # perturbations stopped early at a non-finite step
         self._lenet = None
 
     # what the client holds: data views are rebuilt from dataset indices
     def start_task(self, task: Task) -> None:
         self.pending, self.current = self.current, task.train
+        self.seen |= set(np.unique(task.train.labels).tolist())  # from the data, not from the task
 
     def receive(self, download: Payload, kind: DownloadKind) -> None:
         load_trainable(self.model, {k: v for k, v in download.items() if not k.startswith((OLD1, OLD2))})
@@ -314,8 +321,7 @@ class GLFCClient(Client):
         """Model outputs the loss, the entropy and the perturbation use (all classes, or the seen ones)."""
         if self.cfg.loss_classes == "all":
             return torch.arange(self.env.scenario.num_classes, device=self.env.device)
-        seen = sorted(set(self.learned) | set(np.unique(self.current.labels).tolist()))
-        return torch.as_tensor(seen, device=self.env.device)
+        return torch.as_tensor(sorted(self.seen), device=self.env.device)
 
     @torch.no_grad()
     def _features(self, data: ClientData) -> torch.Tensor:
@@ -383,7 +389,7 @@ class GLFCClient(Client):
         self.model.train()
         with single_sample_guard(env, data, self.model):
             for e in range(env.epochs):
-                lr = self.cfg.lr * lr_factor(self.cfg.lr_schedule, info.round * env.epochs + e, total)
+                lr = self.lr * lr_factor(self.cfg.lr_schedule, info.round * env.epochs + e, total)
                 # re-created every round, as officially (plain SGD keeps no state anyway)
                 opt = torch.optim.SGD(self.model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
                 for batch in data.batches(env.batch_size, shuffle=True, generator=env.generator):
@@ -416,11 +422,17 @@ class GLFCClient(Client):
             target[0, pos[c]] = 1.0
             opt = torch.optim.SGD([x], lr=cfg.perturb_lr, weight_decay=self.cfg.weight_decay)
             for _ in range(cfg.perturb_steps):
+                before = x.detach().clone()
                 with torch.enable_grad():
                     loss = F.binary_cross_entropy_with_logits(net(x)[:, columns].float(), target)
                     opt.zero_grad()
                     loss.backward(inputs=[x])
                 opt.step()
+                if not torch.isfinite(x).all():  # a huge input gradient (lr 2.0 models): keep the last finite
+                    with torch.no_grad():
+                        x.copy_(before)
+                    self.perturb_stops += 1
+                    break
             lenet = self.lenet(x.shape[1:])
             grads = input_gradient(lenet, x.detach(), torch.tensor([c], device=x.device))
             out.update({f"{PROTO}{j}.{name}": g for (name, _), g in zip(lenet.named_parameters(), grads)})
@@ -453,7 +465,7 @@ class GLFCClient(Client):
             return None if d is None else d.indices
 
         return {"model": self.model.state_dict(), "current": idx(self.current), "pending": idx(self.pending),
-                "learned": list(self.learned), "exemplars": {int(c): ix for c, ix in self.exemplars.items()},
+                "learned": list(self.learned), "seen": sorted(self.seen), "exemplars": {int(c): ix for c, ix in self.exemplars.items()},
                 "best": dict(self.best), "old_state": self.old_state,
                 "old_is": next((k for k, v in self.best.items() if v is not None and v is self.old_state), None),
                 "last_entropy": self.detector.last, "entropies": [list(e) for e in self.entropies],
@@ -465,6 +477,7 @@ class GLFCClient(Client):
         self.current = None if state["current"] is None else self.env.view(np.asarray(state["current"]))
         self.pending = None if state["pending"] is None else self.env.view(np.asarray(state["pending"]))
         self.learned = [int(c) for c in state["learned"]]
+        self.seen = {int(c) for c in state["seen"]}
         self.exemplars = {int(c): np.asarray(ix, dtype=np.int64) for c, ix in state["exemplars"].items()}
         self.best = {k: None if v is None else {n: t.to(dev) for n, t in v.items()} for k, v in state["best"].items()}
         old = state["old_state"]
@@ -598,7 +611,8 @@ class GLFC(Method):
             raise ValueError(f"{self.name} averages one model, so every client needs the same small-model arch; "
                              f"got {env.small_archs}")
         c = self.config
-        env.log(f"[glfc] constants={c.constants}: perturb_steps={c.perturb_steps} lbfgs_steps={c.lbfgs_steps} "
+        lr = c.lr if c.lr is not None else 2.0 * env.batch_size / 128
+        env.log(f"[glfc] lr={lr:g}, constants={c.constants}: perturb_steps={c.perturb_steps} lbfgs_steps={c.lbfgs_steps} "
                 f"lbfgs_max_iter={c.lbfgs_max_iter} keep_iterates={c.keep_iterates}; memory "
                 f"{scaled_memory(c, env)} exemplars per client")
 
