@@ -63,3 +63,66 @@ def test_the_simulation_runtime_equals_the_in_process_run(in_process, simulated,
     assert flower["messages"] % 2 == 0 and flower["messages"] >= 2 * 2 * (1 + 2 + 1) * 2
     log = (_path(simulated, method) / "log.txt").read_text()
     assert "Flower: 2 clients on nodes" in log
+
+
+# -- the deployment runtime: a SuperLink and SuperNodes as processes on 127.0.0.1 ------------------------
+DEPLOYED = ("fedavg", "fedlscl")
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, cli_subprocess, smoke_opts):
+    from fcl_bench.flower.deploy import LocalFederation, group_alive
+
+    out = tmp_path_factory.mktemp("flower-deployed")
+    with LocalFederation(2, home=tmp_path_factory.mktemp("flwr-home")) as fed:
+        groups = fed.pgids()
+        done = cli_subprocess("run", "--methods", ",".join(DEPLOYED), "--out", out, *smoke_opts, "--executor",
+                              "flower", "--superlink", fed.address, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not any(group_alive(g) for g in groups)  # everything started is stopped
+    return out
+
+
+@pytest.mark.parametrize("method", DEPLOYED)
+def test_a_localhost_superlink_with_two_supernodes_equals_the_in_process_run(in_process, deployed, method):
+    _check_equal(in_process, deployed, method)
+    assert "Flower: 2 clients on nodes" in (_path(deployed, method) / "flower.log").read_text()
+
+
+def test_insecure_mode_is_refused_off_loopback(cli):
+    res = cli("run", "--methods", "fedavg", "--preset", "smoke", "--executor", "flower", "--superlink",
+              "192.0.2.7:9093", "--out", "/tmp/never-written")
+    assert res.exit_code != 0
+    assert "insecure mode is only for loopback addresses" in res.output and "--root-certificates" in res.output
+
+
+def test_killing_a_supernode_mid_run_fails_the_run_naming_the_client(tmp_path, smoke_opts):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from fcl_bench.flower.deploy import LocalFederation, group_alive
+
+    out = tmp_path / "results"
+    path = run_dir(out, "smoke", "fedavg", "synthetic", 42)
+    script = Path(sys.executable).parent / "fcl-bench"
+    with LocalFederation(2, home=tmp_path / "flwr-home") as fed:
+        groups = fed.pgids()
+        proc = subprocess.Popen([str(script), "run", "--methods", "fedavg", "--out", str(out), *smoke_opts,
+                                 "--executor", "flower", "--superlink", fed.address, "--flower-timeout", "30"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+        flog = path / "flower.log"
+        for _ in range(600):  # the clients are set up and the first task has begun
+            if flog.exists() and "Flower: 2 clients on nodes" in flog.read_text(errors="replace"):
+                break
+            time.sleep(0.5)
+        fed.kill_node(1)
+        output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1, output
+    status = read_json(path / "status.json")
+    assert status["state"] == "failed"
+    assert "client 1" in status["reason"], status["reason"]
+    assert not (path / "metrics.json").exists() and not (path / "rounds.csv").exists()  # nothing corrupted
+    assert not any(group_alive(g) for g in groups)  # no orphan SuperNode, SuperExec or ClientApp
