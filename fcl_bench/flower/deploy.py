@@ -18,6 +18,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -193,7 +194,14 @@ def submit(spec, method_cfg, run_path: Path, log) -> Any:
            "--run-config", f"spec={json.dumps(str((run_path / SPEC_FILE).resolve()))}"]
     log(f"   flwr run on {address}")
     with open(run_path / "flower.log", "wb") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(home), cwd=home)
+        try:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(home), cwd=home)
+        except KeyboardInterrupt:  # stop the run on the SuperLink too, not only our flwr client
+            m = re.search(r"started run (\d+)", (run_path / "flower.log").read_text(errors="replace"))
+            if m:
+                subprocess.run([cmd[0], "stop", m.group(1), "fcl"], env=_env(home), cwd=home,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+            raise
     if not result_path.exists():
         tail = (run_path / "flower.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"the Flower run wrote no result (flwr run exited {proc.returncode}); "
