@@ -132,10 +132,18 @@ def common(f):
 @click.option("--keep-checkpoints", is_flag=True,
               help="keep each run's task-boundary checkpoint (all clients' and the server's state) when it completes")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-@click.option("--executor", default="in-process", show_default=True, type=click.Choice(["in-process", "flower-sim"]),
-              help="where the clients run: this process, or Flower's simulation runtime (needs fcl-bench[flower])")
+@click.option("--executor", default="in-process", show_default=True,
+              type=click.Choice(["in-process", "flower-sim", "flower"]),
+              help="where the clients run: this process, Flower's simulation runtime, or a Flower federation "
+                   "(--superlink; needs fcl-bench[flower])")
+@click.option("--superlink", default="", help="--executor flower: the SuperLink's HOST:PORT")
+@click.option("--root-certificates", default=None, type=click_path(dir_okay=False),
+              help="--executor flower: CA certificate of the SuperLink's TLS (without it: loopback only)")
+@click.option("--flower-timeout", default=None, type=click.FloatRange(min=1),
+              help="Flower: seconds a client may take to answer one message before the run fails (600)")
 def run(methods, preset, dataset, data_root, download, foundation, foundation_weights, overrides, seeds, out,
-        suite, device, plugins, flops, threads, force, keep_checkpoints, quiet, executor):
+        suite, device, plugins, flops, threads, force, keep_checkpoints, quiet, executor, superlink,
+        root_certificates, flower_timeout):
     """Run methods (or a suite) on a preset; results go to OUT/SUITE/LABEL/DATASET/seedK/, where SUITE is the
     suite's name or, for plain runs, the preset's."""
     from fcl_bench import registry
@@ -174,7 +182,12 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
         for p in plan:  # every method config is validated before any data is loaded
             _method_config(classes[p.method], p.overrides)
         specs = _specs(plan, base, seed_list, out, results_name, force=force, flops=flops, quiet=quiet,
-                       keep_checkpoints=keep_checkpoints, plugins=tuple(plugins), executor=executor)
+                       keep_checkpoints=keep_checkpoints, plugins=tuple(plugins), executor=executor,
+                       superlink=superlink, root_certificates=root_certificates, flower_timeout=flower_timeout)
+        if executor == "flower":
+            from fcl_bench.flower.deploy import check_insecure
+
+            check_insecure(superlink or "?", root_certificates)
         from fcl_bench.executor import preflight
 
         preflight(specs)  # what would fail every run the same way is reported once, before anything runs
@@ -338,6 +351,47 @@ def _attach_report() -> None:
 
 
 _attach_report()
+
+
+
+@main.group()
+def flower():
+    """A local Flower federation (SuperLink + SuperNodes on 127.0.0.1); needs fcl-bench[flower]."""
+
+
+@flower.command("up")
+@click.option("--clients", type=click.IntRange(min=1), required=True, help="SuperNodes to start (one per client)")
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=9093, show_default=True,
+              help="the SuperLink's port on 127.0.0.1")
+def flower_up(clients, port):
+    """Start a SuperLink and CLIENTS SuperNodes on 127.0.0.1, each told its client id; run plans through it
+    with `fcl-bench run --executor flower --superlink 127.0.0.1:PORT ...`; Ctrl-C stops everything."""
+    import signal
+    import time
+
+    from fcl_bench.flower.deploy import LocalFederation
+
+    fed = LocalFederation(clients, port=port)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        fed.start()
+        click.echo(f"Flower federation up: SuperLink {fed.address}, {clients} SuperNodes (logs in {fed.home})")
+        click.echo(f"  fcl-bench run --executor flower --superlink {fed.address} --methods ... ", nl=True)
+        click.echo("Ctrl-C stops it.")
+        while all(p.poll() is None for p in fed.procs.values()):
+            time.sleep(0.5)
+        dead = [n for n, p in fed.procs.items() if p.poll() is not None]
+        click.echo(f"{', '.join(dead)} exited; stopping the federation", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("stopping the federation")
+    finally:
+        fed.stop()
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

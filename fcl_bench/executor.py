@@ -52,7 +52,10 @@ class RunSpec:
     keep_checkpoints: bool = False
     plugins: tuple[str, ...] = ()
     command: str = ""
-    executor: str = "in-process"  # in-process | flower-sim (fcl_bench.flower)
+    executor: str = "in-process"  # in-process | flower-sim | flower (fcl_bench.flower)
+    superlink: str = ""  # flower: the SuperLink's address, HOST:PORT
+    root_certificates: str | None = None  # flower: CA certificate (TLS); None: insecure, loopback only
+    flower_timeout: float | None = None  # flower: seconds a client may take to answer one message
 
     @property
     def seed(self) -> int:

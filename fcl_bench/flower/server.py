@@ -216,3 +216,20 @@ def run_simulation(fed: FlowerFederation, scenario_json: str) -> RunResult:
     if "result" not in outcome:
         raise RuntimeError("the Flower simulation ended without running the ServerApp")
     return outcome["result"]
+
+
+def deployment_server_app():
+    """The ServerApp `flwr run` starts on a SuperLink: its run config ``spec`` names a JSON file (written
+    by :func:`fcl_bench.flower.deploy.submit`) holding the run spec; the result (or the failure) is written
+    next to it for the submitting ``fcl-bench run`` to record in the store."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid, context) -> None:
+        from fcl_bench.flower.deploy import serve_spec
+
+        serve_spec(grid, Path(str(context.run_config["spec"])))
+
+    return app
