@@ -132,13 +132,25 @@ def common(f):
 @click.option("--keep-checkpoints", is_flag=True,
               help="keep each run's task-boundary checkpoint (all clients' and the server's state) when it completes")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--executor", default="in-process", show_default=True, type=click.Choice(["in-process", "ray"]),
+              help="where runs execute: one after another in this process, or as Ray tasks (pip install "
+                   "'fcl-bench[ray]')")
+@click.option("--ray-address", default=None,
+              help="with --executor ray: a running cluster ('auto' or HOST:PORT); default: start a local Ray "
+                   "with this machine's CPUs")
+@click.option("--cpus-per-run", type=click.IntRange(min=1), default=None,
+              help="with --executor ray: CPUs each run asks for (default 1); also its torch threads unless --threads")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=None,
+              help="with --executor ray: GPUs each run asks for (default 0); a fraction shares a card")
 def run(methods, preset, dataset, data_root, download, foundation, foundation_weights, overrides, seeds, out,
-        suite, device, plugins, flops, threads, force, keep_checkpoints, quiet):
+        suite, device, plugins, flops, threads, force, keep_checkpoints, quiet, executor, ray_address,
+        cpus_per_run, gpus_per_run):
     """Run methods (or a suite) on a preset; results go to OUT/SUITE/LABEL/DATASET/seedK/, where SUITE is the
     suite's name or, for plain runs, the preset's."""
     from fcl_bench import registry
     from fcl_bench.paths import check_writable_dir
 
+    runner = _executor(executor, ray_address, cpus_per_run, gpus_per_run, threads, quiet)
     if threads is not None:
         import torch
 
@@ -182,8 +194,35 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
         raise UserError(str(e)) from None
     except OSError as e:  # a path the system refuses (a name too long, a loop of links)
         raise UserError(_os_error(e)) from None
-    if not execute(specs):
+    if not execute(specs, runner):
         sys.exit(1)
+
+
+def _executor(name, ray_address, cpus_per_run, gpus_per_run, threads, quiet):
+    """The executor's function (None: in-process); Ray's options are checked, and Ray imported, up front."""
+    ray_opts = {"--ray-address": ray_address, "--cpus-per-run": cpus_per_run, "--gpus-per-run": gpus_per_run}
+    if name != "ray":
+        given = [k for k, v in ray_opts.items() if v is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --executor ray")
+        return None
+    from fcl_bench.ray_executor import RayUnavailable, import_ray, run_on_ray
+
+    if gpus_per_run is not None and gpus_per_run > 1 and gpus_per_run != int(gpus_per_run):
+        raise UserError(f"--gpus-per-run {gpus_per_run:g}: more than one GPU must be a whole number")
+    try:
+        import_ray()
+    except RayUnavailable as e:
+        raise UserError(str(e)) from None
+
+    def run_ray(specs, echo, err, user_errors):
+        try:
+            return run_on_ray(specs, echo, err, user_errors, address=ray_address, cpus_per_run=cpus_per_run or 1,
+                              gpus_per_run=gpus_per_run or 0, threads=threads, progress=not quiet)
+        except RayUnavailable as e:
+            raise UserError(str(e)) from None
+
+    return run_ray
 
 
 def _specs(plan: list[Planned], base: C.RunConfig, seeds: list[int], out: str, suite: str, **common):
@@ -198,12 +237,14 @@ def _specs(plan: list[Planned], base: C.RunConfig, seeds: list[int], out: str, s
             for seed in seeds for p in plan]
 
 
-def execute(specs) -> bool:
-    """Run every spec in this process; a failed run is recorded and the rest go on."""
+def execute(specs, runner=None) -> bool:
+    """Run every spec (in this process unless ``runner``, an executor function); a failed run is recorded
+    and the rest go on."""
     from fcl_bench.executor import run_in_process
 
+    runner = runner or run_in_process
     try:
-        summary = run_in_process(specs, click.echo, lambda line: click.echo(line, err=True), _user_errors())
+        summary = runner(specs, click.echo, lambda line: click.echo(line, err=True), _user_errors())
     except _user_errors() as e:  # bad data or protocol: every run would fail the same way
         raise UserError(str(e)) from None
     _print_summary(summary)
