@@ -4,7 +4,8 @@
 
 * **Ray.** Without ``--ray-address`` the driver starts a local Ray with this machine's CPUs (the ones this
   process may use), its GPUs, a 200 MB object store (tasks pass only run specs and summary rows) and no
-  dashboard, and stops it at the end; up to CPUs / ``--cpus-per-run`` runs execute at once. With
+  dashboard, and stops it at the end (a new instance even when ``$RAY_ADDRESS`` is set or ``ray start``
+  runs on this machine); up to CPUs / ``--cpus-per-run`` runs execute at once. With
   ``--ray-address`` it joins a running cluster (``auto``: the one started on this node by ``ray start``).
   A Ray already initialised in the process (a notebook, the tests) is used as it is.
 * **Resources.** Each task asks for ``--cpus-per-run`` CPUs (default 1) and ``--gpus-per-run`` GPUs
@@ -94,13 +95,16 @@ def _run_folder_files(path: Path) -> dict[str, bytes]:
     return out
 
 
-def run_task(spec: RunSpec, env: dict[str, str], threads: int, user_errors: tuple, marker: str) -> dict:
-    """What a Ray worker runs for one spec: :func:`run_one`, quiet, with the driver's environment; returns
-    the summary row plus the run folder's files (``files``) and the worker's host (``node``)."""
+def run_task(spec: RunSpec, env: dict[str, str], cwd: str, threads: int, user_errors: tuple, marker: str) -> dict:
+    """What a Ray worker runs for one spec: :func:`run_one`, quiet, with the driver's environment and working
+    folder (where it exists on the worker's node: relative paths then mean the same); returns the summary row
+    plus the run folder's files (``files``) and the worker's host (``node``)."""
     import socket
 
     import torch
 
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
     for k in [k for k in os.environ if k.startswith("FCL_") and k not in env]:  # a reused worker's last run
         del os.environ[k]
     os.environ.update(env)
@@ -237,12 +241,14 @@ def _connect(ray, address: str | None) -> bool:
         warnings.filterwarnings("ignore", message=".*RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO.*")
         if address:
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=True)
+                ray.init(address=address)
             except ConnectionError as e:
                 raise RayUnavailable(f"no Ray cluster at --ray-address {address} ({e}); start one with "
                                      "`ray start --head`, or leave out --ray-address for a local Ray") from None
             return False
-        ray.init(num_cpus=local_cpus(), object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False)
+        # "local": a new instance even where RAY_ADDRESS is set or `ray start` runs here (--ray-address auto joins it)
+        ray.init(address="local", num_cpus=local_cpus(), object_store_memory=OBJECT_STORE_BYTES,
+                 include_dashboard=False)
     return True
 
 
@@ -293,7 +299,7 @@ def run_on_ray(specs: Sequence[RunSpec], echo: Callable[[str], None], err: Calla
         env = worker_env()
         for i in todo:
             ref = task.options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, name=f"{specs[i].label}-seed{specs[i].seed}") \
-                .remote(specs[i], env, threads, user_errors, f"{marker_prefix}{i}")
+                .remote(specs[i], env, os.getcwd(), threads, user_errors, f"{marker_prefix}{i}")
             pending[ref] = i
         if todo:
             echo(f"ray: {len(todo)} runs submitted ({cpus_per_run:g} CPU, {gpus_per_run:g} GPU each) to a cluster "
@@ -337,7 +343,7 @@ def run_on_ray(specs: Sequence[RunSpec], echo: Callable[[str], None], err: Calla
             bar.close()
         return [r for r in rows if r is not None]
     except BaseException:
-        _cancel(ray, pending, echo)
+        _cancel(ray, pending, specs, echo)
         raise
     finally:
         _kv_clear(marker_prefix)
@@ -345,18 +351,37 @@ def run_on_ray(specs: Sequence[RunSpec], echo: Callable[[str], None], err: Calla
             ray.shutdown()
 
 
-def _cancel(ray, pending: dict, echo: Callable[[str], None], wait_s: float = 30.0) -> None:
-    """Cancel pending tasks and interrupt running ones; wait (up to ``wait_s``) for them to record it."""
+def _cancel(ray, pending: dict, specs: Sequence[RunSpec], echo: Callable[[str], None],
+            wait_s: float = 30.0) -> None:
+    """Cancel every unfinished task: ``ray.cancel(force=True)`` ends a running task's worker (a plain cancel,
+    a ``KeyboardInterrupt`` in the task, was not delivered after Ctrl-C had interrupted the driver in Ray
+    2.55.1), and a pending one never starts. Then wait (up to ``wait_s``) until each run folder is unlocked
+    and record a run left ``running`` as ``failed: interrupted``, under its lock. Its checkpoint stays: the
+    next call resumes it."""
     if not pending:
         return
     echo(f"ray: cancelling {len(pending)} unfinished runs")
-    refs = list(pending)
-    for ref in refs:
+    for ref in list(pending):
         try:
-            ray.cancel(ref)
+            ray.cancel(ref, force=True)
         except Exception:
             pass
+    deadline = time.monotonic() + wait_s
     try:
-        ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+        for i in pending.values():
+            rec = RunRecord(specs[i].path, root=Path(specs[i].out))
+            if not rec.path.is_dir():  # never started
+                continue
+            while rec.try_lock() is not None:  # the worker is still ending
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            else:
+                try:
+                    if (rec.status or {}).get("state") == "running":
+                        rec.log("interrupted (Ctrl-C; recorded by the Ray driver)")
+                        rec.fail("interrupted", 0.0)
+                finally:
+                    rec.unlock()
     except BaseException:  # a second Ctrl-C: stop waiting
         pass
