@@ -134,7 +134,7 @@ def test_ctrl_c_cancels_the_plan_and_marks_no_run_complete(smoke_opts, tmp_path)
         states[seed] = (rec.status or {}).get("state")
         assert not rec.is_complete()
         assert not (rec.path / "metrics.json").exists()
-    assert sorted(states.values(), key=str) == ["failed", None, None], states
+    assert sorted(states.values(), key=lambda v: (v is None, str(v))) == ["failed", None, None], states
     seed = next(s for s, v in states.items() if v == "failed")
     status = read_json(run_dir(out, "smoke", "faulty", "synthetic", seed) / "status.json")
     assert status["reason"] == "interrupted", status
