@@ -139,3 +139,21 @@ def test_ctrl_c_cancels_the_plan_and_marks_no_run_complete(smoke_opts, tmp_path)
     status = read_json(run_dir(out, "smoke", "faulty", "synthetic", seed) / "status.json")
     assert status["reason"] == "interrupted", status
     assert "interrupted" in (run_dir(out, "smoke", "faulty", "synthetic", seed) / "log.txt").read_text()
+
+
+def test_the_driver_copies_a_run_it_does_not_see_into_its_store(tmp_path):
+    """``--out`` not shared with a worker's node: the files the task returned land in the driver's store,
+    status last; the same files (one machine) are left alone."""
+    from fcl_bench import config as C
+    from fcl_bench.executor import RunSpec
+    from fcl_bench.ray_executor import _mirror
+
+    spec = RunSpec(method="fedavg", label="fedavg", run=C.preset("smoke"), out=str(tmp_path), suite="smoke")
+    files = {"metrics.json": b'{"final_acc": 0.5}', "log.txt": b"a log\n",
+             "status.json": b'{"state": "completed"}'}
+    _mirror(spec, files)
+    assert RunRecord(spec.path).is_complete() and (spec.path / "log.txt").read_bytes() == b"a log\n"
+    assert not (spec.path / ".lock").exists()
+    (spec.path / "log.txt").write_text("kept")
+    _mirror(spec, files)  # status.json is the same: nothing is rewritten
+    assert (spec.path / "log.txt").read_text() == "kept"
