@@ -133,22 +133,31 @@ def common(f):
               help="keep each run's task-boundary checkpoint (all clients' and the server's state) when it completes")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.option("--executor", default="in-process", show_default=True,
-              type=click.Choice(["in-process", "flower-sim", "flower"]),
-              help="where the clients run: this process, Flower's simulation runtime, or a Flower federation "
-                   "(--superlink; needs fcl-bench[flower])")
+              type=click.Choice(["in-process", "ray", "flower-sim", "flower"]),
+              help="where runs execute: one after another in this process; as Ray tasks (needs fcl-bench[ray]); "
+                   "or with the clients on Flower's simulation runtime or a Flower federation (--superlink; "
+                   "needs fcl-bench[flower])")
+@click.option("--ray-address", default=None,
+              help="with --executor ray: a running cluster ('auto' or HOST:PORT); default: start a local Ray "
+                   "with this machine's CPUs")
+@click.option("--cpus-per-run", type=click.IntRange(min=1), default=None,
+              help="with --executor ray: CPUs each run asks for (default 1); also its torch threads unless --threads")
+@click.option("--gpus-per-run", type=click.FloatRange(min=0), default=None,
+              help="with --executor ray: GPUs each run asks for (default 0); a fraction shares a card")
 @click.option("--superlink", default="", help="--executor flower: the SuperLink's HOST:PORT")
 @click.option("--root-certificates", default=None, type=click_path(dir_okay=False),
               help="--executor flower: CA certificate of the SuperLink's TLS (without it: loopback only)")
 @click.option("--flower-timeout", default=None, type=click.FloatRange(min=1),
               help="Flower: seconds a client may take to answer one message before the run fails (600)")
 def run(methods, preset, dataset, data_root, download, foundation, foundation_weights, overrides, seeds, out,
-        suite, device, plugins, flops, threads, force, keep_checkpoints, quiet, executor, superlink,
-        root_certificates, flower_timeout):
+        suite, device, plugins, flops, threads, force, keep_checkpoints, quiet, executor, ray_address,
+        cpus_per_run, gpus_per_run, superlink, root_certificates, flower_timeout):
     """Run methods (or a suite) on a preset; results go to OUT/SUITE/LABEL/DATASET/seedK/, where SUITE is the
     suite's name or, for plain runs, the preset's."""
     from fcl_bench import registry
     from fcl_bench.paths import check_writable_dir
 
+    runner = _executor(executor, ray_address, cpus_per_run, gpus_per_run, threads, quiet)
     if threads is not None:
         import torch
 
@@ -182,7 +191,8 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
         for p in plan:  # every method config is validated before any data is loaded
             _method_config(classes[p.method], p.overrides)
         specs = _specs(plan, base, seed_list, out, results_name, force=force, flops=flops, quiet=quiet,
-                       keep_checkpoints=keep_checkpoints, plugins=tuple(plugins), executor=executor,
+                       keep_checkpoints=keep_checkpoints, plugins=tuple(plugins),
+                       executor="in-process" if executor == "ray" else executor,
                        superlink=superlink, root_certificates=root_certificates, flower_timeout=flower_timeout)
         if executor == "flower":
             from fcl_bench.flower.deploy import check_insecure
@@ -197,8 +207,35 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
         raise UserError(str(e)) from None
     except OSError as e:  # a path the system refuses (a name too long, a loop of links)
         raise UserError(_os_error(e)) from None
-    if not execute(specs):
+    if not execute(specs, runner):
         sys.exit(1)
+
+
+def _executor(name, ray_address, cpus_per_run, gpus_per_run, threads, quiet):
+    """The executor's function (None: in-process); Ray's options are checked, and Ray imported, up front."""
+    ray_opts = {"--ray-address": ray_address, "--cpus-per-run": cpus_per_run, "--gpus-per-run": gpus_per_run}
+    if name != "ray":
+        given = [k for k, v in ray_opts.items() if v is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} only apply with --executor ray")
+        return None
+    from fcl_bench.ray_executor import RayUnavailable, import_ray, run_on_ray
+
+    if gpus_per_run is not None and gpus_per_run > 1 and gpus_per_run != int(gpus_per_run):
+        raise UserError(f"--gpus-per-run {gpus_per_run:g}: more than one GPU must be a whole number")
+    try:
+        import_ray()
+    except RayUnavailable as e:
+        raise UserError(str(e)) from None
+
+    def run_ray(specs, echo, err, user_errors):
+        try:
+            return run_on_ray(specs, echo, err, user_errors, address=ray_address, cpus_per_run=cpus_per_run or 1,
+                              gpus_per_run=gpus_per_run or 0, threads=threads, progress=not quiet)
+        except RayUnavailable as e:
+            raise UserError(str(e)) from None
+
+    return run_ray
 
 
 def _specs(plan: list[Planned], base: C.RunConfig, seeds: list[int], out: str, suite: str, **common):
@@ -213,12 +250,14 @@ def _specs(plan: list[Planned], base: C.RunConfig, seeds: list[int], out: str, s
             for seed in seeds for p in plan]
 
 
-def execute(specs) -> bool:
-    """Run every spec in this process; a failed run is recorded and the rest go on."""
+def execute(specs, runner=None) -> bool:
+    """Run every spec (in this process unless ``runner``, an executor function); a failed run is recorded
+    and the rest go on."""
     from fcl_bench.executor import run_in_process
 
+    runner = runner or run_in_process
     try:
-        summary = run_in_process(specs, click.echo, lambda line: click.echo(line, err=True), _user_errors())
+        summary = runner(specs, click.echo, lambda line: click.echo(line, err=True), _user_errors())
     except _user_errors() as e:  # bad data or protocol: every run would fail the same way
         raise UserError(str(e)) from None
     _print_summary(summary)
