@@ -111,7 +111,7 @@ class Federation:
                       foundation=fm, small_archs=list(run.small_models), small_width=run.small_width,
                       seed=run.seed, batch_size=run.batch_size, epochs=run.epochs,
                       eval_batch_size=run.eval_batch_size, participation=run.participation, log=log,
-                      _make_small=build_small_model)
+                      preprocess=ws.preprocess, image_size=ws.dataset.native_size, _make_small=build_small_model)
         self.method_env = MethodEnv(**common)
         self.method = method_cls(method_cfg, self.method_env)
         sc = ws.scenario
@@ -169,11 +169,18 @@ class Federation:
             raise TypeError(f"{self.name}: Server.{what} must return a dict client id -> payload, "
                             f"got {type(downloads).__name__}")
         sent = {}
+        # one payload object sent to many clients (a global model, a synthetic pool) is checked and encoded
+        # once; every client still decodes its own copy and is counted the full bytes
+        encoded: dict[int, wire.Message] = {}
         for c, payload in downloads.items():
             if c not in self.clients:
                 raise KeyError(f"{self.name}: Server.{what} addressed client {c!r}; clients are 0..{self.K - 1}")
-            recv, msg = self._send(payload, f"server {what} download to client {c}")
-            self.clients[c].receive(recv, kind)
+            msg = encoded.get(id(payload))
+            if msg is None:
+                who = f"server {what} download to client {c}"
+                check_payload(payload, f"{self.name}: {who}")
+                msg = encoded[id(payload)] = wire.encode(payload, who)
+            self.clients[c].receive(wire.decode(msg, self.ws.device), kind)
             sent[c] = msg.nbytes
         return sent
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from fcl_bench.api import Method
 from fcl_bench.paths import PathError, check_token
 
-BUILTIN_MODULES = ["fedavg", "fedprox", "fedvit", "l2p", "dualprompt", "fedlscl"]
+BUILTIN_MODULES = ["fedavg", "fedprox", "fedvit", "l2p", "dualprompt", "fedlscl", "target", "mfcl"]
 ENTRY_POINT_GROUP = "fcl_bench.methods"
 
 
