@@ -173,6 +173,11 @@ class MFCLClient(FedAvgClient):
     def loss(self, batch: Batch) -> torch.Tensor:
         if not self._replaying():
             return F.cross_entropy(masked_logits(self.model(batch.x), self.allowed), batch.y)
+        terms = self.losses(batch)
+        return terms["new"] + self.cfg.ft_weight * terms["ft"] + self.cfg.kd_weight * terms["kd"]
+
+    def losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The three unweighted terms of a task t > 0 batch: ``new``, ``ft`` and ``kd``."""
         with torch.no_grad():
             x_s = self.to_input(self.generator.sample(self.cfg.syn_size, self.env.generator))
             y_s = self.old[self.old_model(x_s)[:, self.old].argmax(1)]
@@ -187,7 +192,7 @@ class MFCLClient(FedAvgClient):
             old_out = self.old_model.head(self.old_model.backbone(x))[:, self.old]
         new_out = self.old_model.head(feats)[:, self.old]  # the old head on the new features
         l_kd = ((new_out - old_out) ** 2).sum(1).mean() / len(self.old)
-        return l_new + self.cfg.ft_weight * l_ft + self.cfg.kd_weight * l_kd
+        return {"new": l_new, "ft": l_ft, "kd": l_kd}
 
     def train_round(self, info: RoundInfo) -> Payload:
         self.opt = self._optimizer(info.round)  # a new SGD every round, at the round's decayed lr
@@ -245,7 +250,7 @@ class MFCLServer(AveragingServer):
                                         self.env.generator, to_input(self.env))
         self.last_report = report
         self.env.log(f"[mfcl] server generator training after task {task_index + 1}: {report.summary()}")
-        payload = {**{GEN_PREFIX + k: v.detach() for k, v in self.generator.state_dict().items()},
+        payload = {**{GEN_PREFIX + k: v.detach().clone() for k, v in self.generator.state_dict().items()},
                    **{OLD_PREFIX + k: v for k, v in self.global_state.items()}}
         return {c: payload for c in range(self.env.scenario.num_clients)}  # one object: encoded once
 
