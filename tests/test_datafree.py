@@ -260,3 +260,22 @@ def test_mfcl_l_ft_trains_the_head_only_and_l_kd_reads_the_old_head(ws):
 
 
 # -- KD on the synthetic pool: the property ------------------------------------------------------------
+KD_RUN = smoke_config(small_models="test_resnet", rounds_per_task="2", epochs="5", train_per_class="64",
+                      test_per_class="32")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "measured, not faithful-by-assumption: on this toy two-task run TARGET's KD (x25, T=2, old classes) on "
+    "the synthetic pool leaves LESS old-task accuracy than KD off (about 0.41/0.23 vs 0.78/0.78 per client); "
+    "the same happened with more synthesis (8 or 4x30 steps), with a CE-dominated generator, with real "
+    "task-0 images as the pool, and with one joint forward of real and synthetic samples. Strict: the test "
+    "fails the day the property starts to hold, so the note gets revisited. See docs in methods/target.py."))
+def test_kd_on_the_synthetic_pool_leaves_more_old_task_accuracy_than_kd_off():
+    ws = workspace(KD_RUN)
+    old = {}
+    for kd in (25.0, 0.0):
+        cfg = TargetConfig(kd_weight=kd, syn_rounds=2, syn_iterations=10, syn_batch=32).resolved()
+        res = federation(Target, cfg, ws, KD_RUN, flops="off").run()
+        a = np.array(res.metrics["accuracy_matrix"], dtype=float)  # [client, after task, task]
+        old[kd] = a[:, 1, 0].mean()
+    assert old[25.0] > old[0.0] + 0.05
