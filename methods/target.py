@@ -38,6 +38,11 @@ real loader); the pool is not augmented on the client (our real data are not eit
 output side is the dataset's native image size and the client feeds the pool through the run's input
 pipeline (resize to the model's input size, normalisation), like real images. Generator and student
 inits draw a seed from the server's generator, so a run is reproducible.
+
+Measured (tests/test_datafree.py, a strict xfail): on the smoke protocol with 5 local epochs, KD on the
+pool leaves less old-task accuracy than the same run with KD off (CE on the new-class logits alone
+barely moves the old ones; KD x25 moves the backbone). The official results rest on a far larger pool
+from a well-trained ResNet; we have not reproduced them at that scale.
 """
 
 from __future__ import annotations
