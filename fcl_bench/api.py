@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from fcl_bench.data import Batch, ClientData
+from fcl_bench.data import Batch, ClientData, Preprocess
 from fcl_bench.state import State
 
 if TYPE_CHECKING:
@@ -115,7 +115,9 @@ class ScenarioInfo:
 class MethodEnv:
     """What every part of a method may read: scenario metadata, device and precision, the frozen foundation
     model (``None`` for methods with ``uses_foundation = False`` on presets whose input pipeline does not
-    need it), the small-model archs (cycled over clients), the run's seed and training settings.
+    need it), the small-model archs (cycled over clients), the run's seed and training settings, the input
+    pipeline (``preprocess``: what turns ``[0, 1]`` images into ``batch.x``) and the dataset's native
+    image side (``image_size``), e.g. for a server that synthesises images.
 
     ``foundation`` is shared by every client and the server: eval mode, no gradient; never train it.
     """
@@ -131,6 +133,8 @@ class MethodEnv:
     epochs: int
     eval_batch_size: int = 256
     participation: float = 1.0
+    preprocess: Preprocess | None = None  # the input pipeline batches go through (size, mean, std)
+    image_size: int | None = None         # the dataset's native image side (None: files of mixed sizes)
     log: Callable[[str], None] = print
     _make_small: Callable[[str, int], torch.nn.Module] | None = field(default=None, repr=False)
 

@@ -128,7 +128,7 @@ def env_fields(ws: Workspace, run: RunConfig, fm: Any, amp: torch.dtype | None,
                 foundation=fm, small_archs=list(run.small_models), small_width=run.small_width,
                 seed=run.seed, batch_size=run.batch_size, epochs=run.epochs,
                 eval_batch_size=run.eval_batch_size, participation=run.participation, log=log,
-                _make_small=build_small_model)
+                preprocess=ws.preprocess, image_size=ws.dataset.native_size, _make_small=build_small_model)
 
 
 def client_env(ws: Workspace, c: int, common: dict) -> ClientEnv:
@@ -238,13 +238,19 @@ class Federation:
         if not isinstance(downloads, Mapping):
             raise TypeError(f"{self.name}: Server.{what} must return a dict client id -> payload, "
                             f"got {type(downloads).__name__}")
-        msgs = {}
+        msgs: dict[int, wire.Message] = {}
+        # one payload object sent to many clients (a global model, a synthetic pool) is checked and encoded
+        # once; every client still decodes its own copy and is counted the full bytes
+        encoded: dict[int, wire.Message] = {}
         for c, payload in downloads.items():
             if not (isinstance(c, int) and 0 <= c < self.K):
                 raise KeyError(f"{self.name}: Server.{what} addressed client {c!r}; clients are 0..{self.K - 1}")
-            who = f"server {what} download to client {c}"
-            check_payload(payload, f"{self.name}: {who}")
-            msgs[c] = wire.encode(payload, who)
+            msg = encoded.get(id(payload))
+            if msg is None:
+                who = f"server {what} download to client {c}"
+                check_payload(payload, f"{self.name}: {who}")
+                msg = encoded[id(payload)] = wire.encode(payload, who)
+            msgs[c] = msg
         return msgs
 
     def _server_row(self, t: int, r: int, step: str, m: Measurement, bytes_down: int) -> None:
