@@ -104,7 +104,7 @@ def sandbox(tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     monkeypatch.chdir(tmp_path)
     calls: list = []
-    monkeypatch.setattr(cli_module, "execute", lambda specs: calls.append(len(specs)) or True)
+    monkeypatch.setattr(cli_module, "execute", lambda specs, runner=None: calls.append(len(specs)) or True)
     monkeypatch.setattr(pretrain_module, "pretrain_tiny_vit", lambda *a, **k: (None, {"epochs": 0}))
     import torch  # `--threads N` would set this process's torch threads for every later test
 

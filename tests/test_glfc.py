@@ -133,7 +133,9 @@ def test_official_lr_steps_and_memory_scaled_by_samples_per_class(ws):
                                                                                      1 / 125]
     assert lr_factor("constant", 150, 200) == 1
     fed = federation(GLFC, GLFCConfig(), ws, RUN)
-    assert scaled_memory(GLFCConfig(), fed.method_env) == round(2000 * 16 / 500)  # smoke: 16 per class
+    # smoke: 4 private classes with 16 training samples each and 2 public ones with 16 - 2 (the server-held
+    # split) = 14: 92 / 6 per class
+    assert scaled_memory(GLFCConfig(), fed.method_env) == round(2000 * (4 * 16 + 2 * 14) / 6 / 500)
     assert scaled_memory(GLFCConfig(memory_size=7), fed.method_env) == 7
 
 
@@ -247,9 +249,10 @@ def test_the_wire_carries_lenet_gradients_and_changed_old_models(ws):
     assert len(server.reconstruction_losses) > 0
     assert all(last < first for first, last in server.reconstruction_losses)
     assert server.proxy_x.shape[1:] == (3, 32, 32) and len(server.scores) == fed.T * fed.R
-    # downloads: the global model, plus an old model's weights in the rounds where a best model changed
+    # downloads: the global model, plus an old model's weights in the rounds where a best model changed:
+    # some round carries at least one model (about an upload without gradients) more than another
     down = rows.bytes_down.to_numpy()
-    assert down.max() > 1.9 * down.min()
+    assert down.max() > down.min() + 0.9 * up.min()
     server_rows = res.rounds[res.rounds.phase == "server_round"]
     assert server_rows.server_seconds.sum() > 0
 
