@@ -120,10 +120,17 @@ class FedAvg(Method):
     def client(self, client_id: int, env: ClientEnv) -> Client:
         return self.client_class(self.config, env)
 
-    def server(self, env: ServerEnv) -> Server:
-        def initial() -> dict[str, torch.Tensor]:
-            model = seeded(env.seed, lambda: Classifier(env.build_small_model(0), env.small_width,
-                                                        env.scenario.num_classes))
-            return trainable_state(model.to(env.device), with_bn_stats=self.config.average_bn_stats)
+    @staticmethod
+    def global_model(env: ServerEnv, with_bn_stats: bool):
+        """``(build, initial)``: a builder of the global model (client 0's arch, a head over all classes, on
+        the device) and the seeded initial state ``w_0`` the server broadcasts."""
+        def build() -> Classifier:
+            return Classifier(env.build_small_model(0), env.small_width, env.scenario.num_classes).to(env.device)
 
-        return AveragingServer(env, initial)
+        def initial() -> dict[str, torch.Tensor]:
+            return trainable_state(seeded(env.seed, build), with_bn_stats=with_bn_stats)
+
+        return build, initial
+
+    def server(self, env: ServerEnv) -> Server:
+        return AveragingServer(env, self.global_model(env, self.config.average_bn_stats)[1])

@@ -104,12 +104,11 @@ from fcl_bench.api import (
 )
 from fcl_bench.config import ConfigError
 from fcl_bench.data import Batch, ClientData
-from fcl_bench.methods.fedavg import Classifier
+from fcl_bench.methods.fedavg import Classifier, FedAvg
 from fcl_bench.nn.averaging import (
     N_KEY,
     AveragingServer,
     load_trainable,
-    seeded,
     trainable_state,
     upload_with_count,
 )
@@ -621,9 +620,4 @@ class GLFC(Method):
         return GLFCClient(self.config, env)
 
     def server(self, env: ServerEnv) -> Server:
-        def initial() -> dict[str, torch.Tensor]:
-            model = seeded(env.seed, lambda: Classifier(env.build_small_model(0), env.small_width,
-                                                        env.scenario.num_classes))
-            return trainable_state(model.to(env.device), with_bn_stats=self.config.average_bn_stats)
-
-        return GLFCServer(self.config, env, initial)
+        return GLFCServer(self.config, env, FedAvg.global_model(env, self.config.average_bn_stats)[1])

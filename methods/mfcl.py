@@ -47,7 +47,6 @@ import torch
 import torch.nn.functional as F
 
 from fcl_bench.api import (
-    Client,
     ClientEnv,
     DownloadKind,
     MethodEnv,
@@ -59,10 +58,10 @@ from fcl_bench.api import (
 )
 from fcl_bench.config import ConfigError
 from fcl_bench.data import Batch
-from fcl_bench.methods.fedavg import Classifier, FedAvg, FedAvgClient
+from fcl_bench.methods.fedavg import FedAvg, FedAvgClient
 from fcl_bench.methods.target import global_seen, image_side
 from fcl_bench.nn import datafree as D
-from fcl_bench.nn.averaging import AveragingServer, load_trainable, seeded, trainable_state, upload_with_count
+from fcl_bench.nn.averaging import AveragingServer, load_trainable, trainable_state, upload_with_count
 from fcl_bench.nn.distill import frozen_copy
 from fcl_bench.nn.heads import masked_logits
 from fcl_bench.nn.training import train_epochs
@@ -274,13 +273,5 @@ class MFCL(FedAvg):
         super().__init__(config.resolved(), env)
 
     def server(self, env: ServerEnv) -> Server:
-        def build() -> Classifier:
-            return Classifier(env.build_small_model(0), env.small_width, env.scenario.num_classes).to(env.device)
-
-        def initial() -> dict[str, torch.Tensor]:
-            return trainable_state(seeded(env.seed, build), with_bn_stats=True)
-
+        build, initial = self.global_model(env, with_bn_stats=True)
         return MFCLServer(env, initial, self.config, build)
-
-    def client(self, client_id: int, env: ClientEnv) -> Client:
-        return MFCLClient(self.config, env)
