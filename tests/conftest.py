@@ -77,10 +77,11 @@ def cli_subprocess() -> Callable[..., subprocess.CompletedProcess]:
     """``cli_subprocess("list", cwd=...)``: the installed ``fcl-bench`` script, as a user runs it."""
     script = Path(sys.executable).parent / "fcl-bench"
 
-    def run(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(*args: str, cwd: Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         cmd = [str(script)] if script.exists() else [sys.executable, "-m", "fcl_bench.cli"]
         return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+                              timeout=timeout, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})})
 
     return run
 

@@ -18,9 +18,9 @@ PLUGIN = Path(__file__).parent / "plugins" / "contract_plugin.py"
 METHODS = ("fedavg", "fedlscl", "contract-protoavg")
 
 
-def _run(cli_subprocess, smoke_opts, out: Path, *extra: str):
+def _run(cli_subprocess, smoke_opts, out: Path, *extra: str, env: dict[str, str] | None = None):
     done = cli_subprocess("run", "--methods", ",".join(METHODS), "--plugin", PLUGIN, "--out", out, *smoke_opts,
-                          *extra, timeout=900)
+                          *extra, timeout=900, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     return out
 
@@ -35,8 +35,19 @@ def in_process(tmp_path_factory, cli_subprocess, smoke_opts):
 
 
 @pytest.fixture(scope="module")
-def simulated(tmp_path_factory, cli_subprocess, smoke_opts):
-    return _run(cli_subprocess, smoke_opts, tmp_path_factory.mktemp("flower-sim"), "--executor", "flower-sim")
+def sim_home(tmp_path_factory) -> Path:
+    """The simulated runs' home folder: Flower's default state folder (~/.flwr) lives there."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory, cli_subprocess, smoke_opts, sim_home):
+    return _run(cli_subprocess, smoke_opts, tmp_path_factory.mktemp("flower-sim"), "--executor", "flower-sim",
+                env={"HOME": str(sim_home)})
+
+
+def test_the_simulation_writes_nothing_outside_the_output_folder_and_the_cache(simulated, sim_home):
+    assert sorted(p.relative_to(sim_home).as_posix() for p in sim_home.rglob("*")) == []
 
 
 def _check_equal(ref: Path, got: Path, method: str) -> dict:

@@ -19,6 +19,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -202,6 +203,7 @@ def submit(spec, method_cfg, run_path: Path, log) -> Any:
                 subprocess.run([cmd[0], "stop", m.group(1), "fcl"], env=_env(home), cwd=home,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
             raise
+    shutil.rmtree(home, ignore_errors=True)  # the flwr client's config, written for this run only
     if not result_path.exists():
         tail = (run_path / "flower.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"the Flower run wrote no result (flwr run exited {proc.returncode}); "

@@ -15,6 +15,7 @@ the failure (the executor records it), so no result is corrupted.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -207,10 +208,21 @@ def run_simulation(fed: FlowerFederation, scenario_json: str) -> RunResult:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     cpus = max(1, min(fed.K, os.cpu_count() or 1))
     gpus = 1.0 / fed.K if fed.ws.device.type == "cuda" else 0.0  # the clients share the run's GPU
-    flwr_run_simulation(server_app=server_app(fed, scenario_json, outcome), client_app=client_app,
-                        num_supernodes=fed.K,
-                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-                                        "init_args": {"num_cpus": cpus, "log_to_driver": True}})
+    # Flower keeps its files under $FLWR_HOME (default ~/.flwr): a temporary folder, removed afterwards,
+    # so a run writes nothing outside its output folder and the cache
+    old_home = os.environ.get("FLWR_HOME")
+    with tempfile.TemporaryDirectory(prefix="fcl-flwr-sim-") as home:
+        os.environ["FLWR_HOME"] = home
+        try:
+            flwr_run_simulation(server_app=server_app(fed, scenario_json, outcome), client_app=client_app,
+                                num_supernodes=fed.K,
+                                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": gpus},
+                                                "init_args": {"num_cpus": cpus, "log_to_driver": True}})
+        finally:
+            if old_home is None:
+                os.environ.pop("FLWR_HOME", None)
+            else:
+                os.environ["FLWR_HOME"] = old_home
     if "error" in outcome:
         raise outcome["error"]
     if "result" not in outcome:
