@@ -339,3 +339,14 @@ def test_the_report_says_whether_batchnorm_statistics_were_averaged(tree, tmp_pa
     text = write_report(tree, tmp_path / "b").markdown.read_text()
     assert "averaged with the parameters for fedavg-bn" in text
     shutil.rmtree(_run_dir(tree, "fedavg-bn", 1).parent.parent)
+
+
+def test_report_writes_nothing_outside_its_folder_and_the_cache(tree, tmp_path, cli_subprocess, monkeypatch):
+    """Matplotlib keeps a font cache (default ~/.cache/matplotlib): it goes to the suite's cache instead."""
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    done = cli_subprocess("report", tree, "--out", tmp_path / "r", env={"HOME": str(home)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "r" / "report.md").exists()
+    assert sorted(home.rglob("*")) == []

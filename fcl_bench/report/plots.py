@@ -4,24 +4,31 @@ Figures are built as :class:`matplotlib.figure.Figure` objects, without pyplot: 
 no global state changes, so the report works headless and leaves a user's interactive session alone.
 Each label ("name") keeps one colour and marker across every figure of a report (:func:`palette`).
 Accuracies are in %; error bars and bands are ± one sample standard deviation over seeds.
+Matplotlib's own files (its font cache) go to ``$FCL_BENCH_CACHE/matplotlib`` unless ``MPLCONFIGDIR`` is set,
+so a report writes nothing outside its folder and the suite's cache.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-import numpy as np
-import pandas as pd
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+from fcl_bench.datasets.synthetic import cache_root
 
-from fcl_bench.report.tables import SensitivitySweep, order_names
+os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))  # before matplotlib is imported
+
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator  # noqa: E402
+
+from fcl_bench.report.tables import SensitivitySweep, order_names  # noqa: E402
 
 _RC = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8,
        "savefig.bbox": "tight"}
