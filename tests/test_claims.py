@@ -161,7 +161,7 @@ def test_table1_falls_back_to_a_preset_suite_and_reads_the_current_task_reading(
     df.loc[df["label"] == "fedlscl", "metrics_client"] = [
         {**m, "current_task_acc": [0.9, 0.9]} for m in df.loc[df["label"] == "fedlscl", "metrics_client"]]
     seen = one(C.table1_claims(df), "table1")
-    cur = one(C.table1_claims(df, reading="current_task_acc"), "table1-current-task")
+    cur = one(C.table1_claims(df, reading="current"), "table1-current-task")
     assert "suite quick" in seen.notes[0]
     assert [p.verdict for p in seen.parts] == [HOLDS, FAILS]
     assert [p.verdict for p in cur.parts] == [HOLDS, HOLDS] and cur.parts[1].a.mean == pytest.approx(90.0)
@@ -364,19 +364,20 @@ def smoke(tmp_path_factory) -> Path:
     return root
 
 
-def _derive(src: Path, root: Path, suite: str, label: str, seed: int, final: float, method: str = "fedlscl",
-            method_config: dict | None = None) -> None:
+def _derive(src: Path, root: Path, suite: str, label: str, seed: int, final: float | None,
+            method: str = "fedlscl", method_config: dict | None = None, run: dict | None = None) -> None:
     """Copy the real run of ``seed`` to ``root/suite/label`` as ``method`` with a chosen final accuracy."""
     dst = root / suite / label / "synthetic" / f"seed{seed}"
     shutil.copytree(src / "smoke" / "fedavg" / "synthetic" / f"seed{seed}", dst)
     cfg = json.loads((dst / "config.json").read_text())
     cfg.update(suite=suite, label=label, method=method)
-    # fedavg loads no foundation model; a fedlscl run records the offline tiny ViT like this
-    cfg["foundation"] = {"name": "tiny", "depth": 6, "embed_dim": 192}
+    cfg["run"].update(run or {})
+    if method == "fedlscl":  # fedavg loads no foundation model; a fedlscl run records the tiny ViT like this
+        cfg["foundation"] = {"name": "tiny", "depth": 6, "embed_dim": 192}
     cfg["method_config"] = {**cfg["method_config"], **(method_config or {})}
     (dst / "config.json").write_text(json.dumps(cfg))
     m = json.loads((dst / "metrics.json").read_text())
-    for space in (m, m["spaces"]["client"]):
+    for space in (m, m["spaces"]["client"]) if final is not None else ():
         space["acc"] = [*space["acc"][:-1], final]
         space["final_acc"] = final
     (dst / "metrics.json").write_text(json.dumps(m))
@@ -392,6 +393,10 @@ def test_report_claims_command_writes_and_prints_the_verdicts(smoke, tmp_path):
         for b in (0, 3, 5):
             _derive(smoke, root, "fig3", f"fedlscl-block{b}", seed, (70 + 0.5 * k) / 100,
                     method_config={"block": b})
+        _derive(smoke, root, "table1", "fedlscl", seed, (60 + 0.5 * k) / 100)
+        _derive(smoke, root, "table1", "fedavg", seed, None, method="fedavg")
+        _derive(smoke, root, "fig4", "fedlscl-hetero", seed, (59.5 + 0.5 * k) / 100,
+                run={"small_models": ["test_resnet", "mobilenetv3_small_050"]})
     res = CliRunner().invoke(report_command, [str(root), "--out", str(tmp_path / "r"), "--claims"])
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "r" / "claims.json").read_text())
@@ -400,7 +405,11 @@ def test_report_claims_command_writes_and_prints_the_verdicts(smoke, tmp_path):
     assert verdicts["table2"]["parts"][0]["a"]["seeds"] == [1, 2]
     fig3 = verdicts["fig3"]                                    # depth read from the runs' config.json
     assert fig3["verdict"] == NOT_TESTABLE and "the ViT has 6 blocks" in fig3["reason"]
-    assert verdicts["table1"]["verdict"] == NOT_TESTABLE
+    assert verdicts["table1"]["parts"][-1]["b"]["label"] == "fedavg"
+    fig4 = verdicts["fig4"]["parts"][0]                        # same scenario and settings but small_models
+    assert verdicts["fig4"]["verdict"] == HOLDS and fig4["difference"] == pytest.approx(0.5)
+    comm = verdicts["communication"]["parts"][0]               # a copy of fedavg's run: the same bytes
+    assert comm["verdict"] == NOT_SEPARATED and comm["difference"] == 0.0 and comm["a"]["mean"] > 0
     assert f"[{HOLDS}] Table 2" in res.output and "claims.md" in res.output
     assert "## Claim verdicts" in (tmp_path / "r" / "report.md").read_text()
     assert (tmp_path / "r" / "claims.md").read_text().startswith("# Claim verdicts")

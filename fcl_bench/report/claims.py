@@ -205,7 +205,9 @@ def _seed_key(s: Any) -> tuple:
     return (0, s, "") if isinstance(s, (int, np.integer)) else (1, 0, str(s))
 
 
-def _stat(series: Series, seeds: list[Any]) -> Stat:
+def _stat(series: Series, seeds: list[Any] | None = None) -> Stat:
+    """``series`` over ``seeds`` (default: all of its seeds)."""
+    seeds = sorted(series.values, key=_seed_key) if seeds is None else seeds
     v = np.array([series.values[s] for s in seeds], dtype=float)
     return Stat(series.label, float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None, list(seeds))
 
@@ -312,19 +314,14 @@ def _final(r: Any) -> float:
     return 100.0 * r.metrics_client["final_acc"]
 
 
-def _acc_at(t: int, key: str) -> Callable[[Any], float]:
+def _acc_at(t: int, reading: str) -> Callable[[Any], float]:
+    """Accuracy (%) after task ``t`` in Table 1's ``seen`` or ``current`` reading."""
+    from fcl_bench.report.tables import _table1_values
+
     def value(r: Any) -> float:
-        vals = _reading(r.metrics_client, key)
+        vals = _table1_values(r.metrics_client, reading)
         return 100.0 * vals[t] if t < len(vals) else math.nan
     return value
-
-
-def _reading(space: dict, key: str) -> list[float]:
-    if key in space:
-        return space[key]
-    # runs stored before current_task_acc existed: the client-averaged diagonal of the accuracy matrix
-    a = np.array(space["accuracy_matrix"], dtype=float)
-    return np.diagonal(a, axis1=1, axis2=2).mean(0).tolist()
 
 
 def _variability(r: Any) -> float:
@@ -349,7 +346,7 @@ def _others(rows: pd.DataFrame) -> list[str]:
     from fcl_bench.report.tables import order_names
 
     other = rows[rows["method"] != FEDLSCL]
-    return [n for n in order_names(other.assign(name=other["label"]))] if len(other) else []
+    return order_names(other.assign(name=other["label"])) if len(other) else []
 
 
 # ---------------------------------------------------------------------------------------- the claims
@@ -357,20 +354,20 @@ def _others(rows: pd.DataFrame) -> list[str]:
 def evaluate_claims(df: pd.DataFrame) -> list[Claim]:
     """Every claim of the paper judged on ``df`` (shaped like :func:`load_results`' output), in the
     paper's order; one claim per dataset where the runs cover several."""
-    return [*table1_claims(df), *table1_claims(df, reading="current_task_acc"), *table2_claims(df),
+    return [*table1_claims(df), *table1_claims(df, reading="current"), *table2_claims(df),
             *fig3_claims(df), *fig4_claims(df), *fig5_claims(df), *communication_claims(df)]
 
 
-_T1_READING = {"acc": ("table1", "on all tasks so far", "acc after each task on all tasks so far (the report's "
+_T1_READING = {"seen": ("table1", "on all tasks so far", "acc after each task on all tasks so far (the report's "
                                                         "default Table 1 reading)"),
-               "current_task_acc": ("table1-current-task", "on the current task",
+               "current": ("table1-current-task", "on the current task",
                                     "acc after each task on the current task's test set only (Table 1's other "
                                     "reading)")}
 
 
-def table1_claims(df: pd.DataFrame, reading: str = "acc") -> list[Claim]:
-    """Table 1: Fed-LSCL is above the best other method at every task (``reading``: ``acc`` or
-    ``current_task_acc``)."""
+def table1_claims(df: pd.DataFrame, reading: str = "seen") -> list[Claim]:
+    """Table 1: Fed-LSCL is above the best other method at every task; ``reading`` as in
+    :func:`fcl_bench.report.tables.table1`: ``seen`` (``acc``) or ``current`` (``current_task_acc``)."""
     if reading not in _T1_READING:
         raise ValueError(f"reading must be one of {', '.join(_T1_READING)}; got {reading!r}")
     cid, short, what = _T1_READING[reading]
@@ -528,7 +525,7 @@ def fig3_claims(df: pd.DataFrame) -> list[Claim]:
             if len(shallow) < 2:
                 parts = [untestable(st, f"fewer than two shallow blocks completed in suite {suite} on {d}")]
             else:
-                means = {b: _stat(acc[b], sorted(acc[b].values, key=_seed_key)).mean for b in shallow}
+                means = {b: _stat(acc[b]).mean for b in shallow}
                 ranked = sorted(shallow, key=means.get)          # ties keep block order: two distinct blocks
                 parts = [close(acc[ranked[-1]], acc[ranked[0]], st)]
             st_w, st_v = "deep blocks worse than shallow", "deep blocks more variable than shallow"
@@ -546,7 +543,7 @@ def fig3_claims(df: pd.DataFrame) -> list[Claim]:
                 parts.append(greater(vdp, vsh, st_v, unit="points per task"))
             notes = [f"suite {suite}; ViT depth {depth if depth is not None else 'unknown'}",
                      "final accuracy per block: " + ", ".join(
-                         f"{b}: {_stat(acc[b], sorted(acc[b].values, key=_seed_key)).text()}" for b in sorted(acc))]
+                         f"{b}: {_stat(acc[b]).text()}" for b in sorted(acc))]
             claims.append(Claim("fig3", "Fig. 3", statement, d, rule, parts, notes))
     return claims
 
@@ -656,7 +653,7 @@ def fig5_claims(df: pd.DataFrame) -> list[Claim]:
         part = at_most_below(large, small, FIG5_TOLERANCE, statement)
         sizes = {k: _series(rows, lab, _final) for k, lab in sorted(by_size.items())}
         notes = ["final accuracy per buffer size: " + ", ".join(
-            f"{k}: {_stat(s, sorted(s.values, key=_seed_key)).text()}" for k, s in sizes.items() if s.values)]
+            f"{k}: {_stat(s).text()}" for k, s in sizes.items() if s.values)]
         claims.append(Claim("fig5", "Fig. 5", statement, d, rule, [part], notes))
     return claims
 
