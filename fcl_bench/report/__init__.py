@@ -11,7 +11,9 @@
   row per run);
 * ``plots/``: accuracy vs task, final accuracy vs communication and vs client compute, accuracy-matrix
   heatmaps, client-wise accuracy bars (Fig. 4) and, for every detected sweep, a sensitivity figure
-  (Figs. 3/5), each as PNG and PDF.
+  (Figs. 3/5), each as PNG and PDF;
+* with ``claims=True`` (``report --claims``): ``claims.md`` and ``claims.json``, a verdict on each of the
+  paper's claims (:mod:`fcl_bench.report.claims`), also summarised at the end of ``report.md``.
 
 Runs whose scenario hashes differ for the same (dataset, seed) are never mixed in one table: they are
 split into scenario groups (see :mod:`fcl_bench.report.tables`), each with its own files (suffix
@@ -55,6 +57,8 @@ class ReportFiles:
     markdown: Path
     tables: list[Path] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
+    claims: list = field(default_factory=list)          # fcl_bench.report.claims.Claim, with --claims
+    claim_files: list[Path] = field(default_factory=list)
 
 
 def make_report(root: str | Path, out: str | Path | None = None) -> Path:
@@ -63,8 +67,8 @@ def make_report(root: str | Path, out: str | Path | None = None) -> Path:
     return write_report(root, out).markdown
 
 
-def write_report(root: str | Path, out: str | Path | None = None) -> ReportFiles:
-    """:func:`make_report`, returning every file written."""
+def write_report(root: str | Path, out: str | Path | None = None, claims: bool = False) -> ReportFiles:
+    """:func:`make_report`, returning every file written; ``claims``: also judge the paper's claims."""
     df = load_results(root)
     out = Path(out) if out is not None else Path(root) / "report"
     files = ReportFiles(markdown=out / "report.md")
@@ -84,12 +88,24 @@ def write_report(root: str | Path, out: str | Path | None = None) -> ReportFiles
     if not groups:
         md.append("\nNo completed runs: no tables or plots.\n")
     md += _failed_section(df)
+    if claims:
+        md += _claims_section(df, Path(root), out, files)
     tables_dir = out / "tables"
     tables_dir.mkdir(parents=True, exist_ok=True)
     (tables_dir / "runs.csv").write_text(runs_csv(df))
     files.tables.append(tables_dir / "runs.csv")
     files.markdown.write_text("\n".join(md))
     return files
+
+
+def _claims_section(df: pd.DataFrame, root: Path, out: Path, files: ReportFiles) -> list[str]:
+    from fcl_bench.report.claims import claims_markdown, evaluate_claims, write_claims
+
+    files.claims = evaluate_claims(df)
+    out.mkdir(parents=True, exist_ok=True)
+    files.claim_files = write_claims(files.claims, out, title=f"Claim verdicts: {root.resolve()}")
+    return ["\n## Claim verdicts\n\nEach claim of the paper judged on these runs (the statistics are in "
+            "`claims.md`; every number in `claims.json`).\n", claims_markdown(files.claims)]
 
 
 def _batchnorm_note(done: pd.DataFrame) -> list[str]:
@@ -188,14 +204,18 @@ def _failed_section(df: pd.DataFrame) -> list[str]:
 @click.argument("results_dir", type=click_path(exists=True, file_okay=False))
 @click.option("--out", default=None, type=click_path(file_okay=False),
               help="output folder (default: RESULTS_DIR/report)")
-def report_command(results_dir: str, out: str | None) -> None:
-    """Tables (Markdown, CSV, LaTeX) and plots (PNG, PDF) of the runs under RESULTS_DIR."""
+@click.option("--claims", is_flag=True,
+              help="also judge each of the paper's claims on these runs: claims.md and claims.json in the output "
+                   "folder, printed here")
+def report_command(results_dir: str, out: str | None, claims: bool) -> None:
+    """Tables (Markdown, CSV, LaTeX) and plots (PNG, PDF) of the runs under RESULTS_DIR; with --claims, a
+    verdict on each of the paper's claims."""
     from fcl_bench.paths import PathError, check_writable_dir
 
     try:
         if out is not None:
             check_writable_dir(out, "--out")
-        files = write_report(results_dir, out)
+        files = write_report(results_dir, out, claims=claims)
     except (ReportError, PathError, OSError) as e:
         err = click.ClickException(str(e) if not isinstance(e, OSError) else f"{e.strerror or e}; check the path")
         err.exit_code = 2  # a user error, like click's own usage errors
@@ -208,3 +228,9 @@ def report_command(results_dir: str, out: str | None) -> None:
     for p in files.plots:
         if p.suffix == ".png":
             click.echo(f"  {p.stem}.png/.pdf")
+    if claims:
+        from fcl_bench.report.claims import claims_text
+
+        click.echo(f"claims:  {', '.join(str(p) for p in files.claim_files)}")
+        for line in claims_text(files.claims):
+            click.echo(f"  {line}")
