@@ -33,6 +33,12 @@ the synthetic batch is resized to the model's input size when the dataset's imag
 generator's output side is the dataset's); the generator's ``z`` is drawn from the client's seeded
 generator. Trap avoided: the official forgetting mixes fractions and percentages; our metrics module is
 the only one used.
+
+Measured (tests/test_datafree.py; 2 clients with private classes only, 2 tasks x 2 classes, 2 rounds x 5
+epochs, offline constants; seed 0): ``kd_weight`` 0.1 against 0 keeps the old classes apart (accuracy
+within the old classes 0.84 vs 0.66, asserted), but as the benchmark scores it (argmax over all seen
+classes) both forget everything (0.01 vs 0.12): with 30 generator steps the synthetic samples do not
+stand in for old images, so L_ft's replay does not keep old images out of the new classes.
 """
 
 from __future__ import annotations

@@ -2,10 +2,12 @@
 loss (falls during synthesis, hand-computed values, hooks gone afterwards), pool labels are the teacher's
 predictions, the pool's bytes on the wire and a download encoded once, server seconds and FLOPs in the
 accounting, MFCL's persistent generator, TARGET's new-class CE, MFCL's head-only L_ft and lr decay, and KD
-on the synthetic pool against the same run without it."""
+against the same run without it on a toy with private classes only (TARGET on real old images and MFCL:
+within the old classes; TARGET on its synthetic pool as the benchmark scores it: a strict xfail)."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import numpy as np
@@ -259,23 +261,95 @@ def test_mfcl_l_ft_trains_the_head_only_and_l_kd_reads_the_old_head(ws):
     assert all(g[k] == 0 for k in range(len(g)) if k not in set(client.task.classes))
 
 
-# -- KD on the synthetic pool: the property ------------------------------------------------------------
-KD_RUN = smoke_config(small_models="test_resnet", rounds_per_task="2", epochs="5", train_per_class="64",
-                      test_per_class="32")
+# -- KD against no KD: the property ------------------------------------------------------------------
+# A toy where forgetting is not hidden: private classes only (public=0), so no client learns another's old
+# classes as its new ones (on the smoke split, client 0's task-2 class 95 is client 1's task-1 class and
+# vice versa, so "KD off" kept its old accuracy through the other client's CE); 15 local epochs per round,
+# so task 2 moves the backbone.
+KD_RUN = smoke_config(small_models="test_resnet", private="4", public="0", server_per_class="0",
+                      rounds_per_task="2", epochs="15", train_per_class="64", test_per_class="32")
+KD_SYN = dict(syn_rounds=2, syn_iterations=10, syn_batch=32)
+
+
+def old_task_scores(fed) -> tuple[float, float]:
+    """After task 2, mean over clients of the task-1 test accuracy (a) as the benchmark scores it, argmax
+    over the client's seen classes, and (b) within the task-1 classes only (how well they are kept apart)."""
+    res = fed.result()
+    bench = np.array(res.metrics["accuracy_matrix"], dtype=float)[:, 1, 0].mean()
+    within = []
+    for c, client in fed.clients.items():
+        cls = torch.as_tensor(fed.ws.scenario.seen_classes(c, 0))
+        batch = next(fed.ws.test_view(c, 0).batches(10_000))
+        with torch.no_grad():
+            pred = cls[client.model.eval()(batch.x)[:, cls].argmax(1)]
+        within.append((pred == batch.y).float().mean().item())
+    return float(bench), float(np.mean(within))
+
+
+def _target_scores(ws, kd: float) -> tuple[float, float]:
+    fed = federation(Target, TargetConfig(kd_weight=kd, **KD_SYN).resolved(), ws, KD_RUN, flops="off")
+    fed.run()
+    return old_task_scores(fed)
+
+
+@pytest.fixture(scope="module")
+def kd_ws():
+    return workspace(KD_RUN)
+
+
+@pytest.fixture(scope="module")
+def target_kd_off(kd_ws):
+    """TARGET with ``kd_weight=0`` on the toy (the pool is synthesised but unused)."""
+    return _target_scores(kd_ws, 0.0)
+
+
+def test_target_kd_on_real_old_images_keeps_the_old_classes_apart_better_than_kd_off(kd_ws, target_kd_off,
+                                                                                     monkeypatch):
+    """The KD itself (teacher, old-class slice, weight, the pool's uint8 path and input pipeline), with a
+    perfect pool: the server's synthesis returns the clients' real task-1 training images. Measured (seed 0):
+    within the old classes 0.99 with KD vs 0.88 without; as the benchmark scores it (argmax over all seen
+    classes) 0.78 vs 0.71, and on seeds 1 and 2 0.64 vs 0.84 and 0.71 vs 0.69: TARGET's KD is a softmax over
+    the old logits only and its CE one over the new logits only, so nothing ranks old against new classes,
+    and most of the toy's forgetting is old images taken for new classes. Only (b) is asserted."""
+    from fcl_bench.methods import target as M
+    sc = kd_ws.scenario
+    raw = dataclasses.replace(kd_ws.preprocess, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # [0, 1] images
+    idx = np.concatenate([sc.train_indices[c][0] for c in range(sc.num_clients)])
+    real = kd_ws.dataset.train.load(idx, raw)
+    assert 0 <= real.min() and real.max() <= 1 and len(real) == 256
+    monkeypatch.setattr(M.D, "synthesize_target", lambda *a, **k: (real, D.SynthesisReport(images=len(real))))
+    bench_on, within_on = _target_scores(kd_ws, 25.0)
+    bench_off, within_off = target_kd_off
+    assert within_on > within_off + 0.05, (within_on, within_off)
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "measured, not faithful-by-assumption: on this toy two-task run TARGET's KD (x25, T=2, old classes) on "
-    "the synthetic pool leaves LESS old-task accuracy than KD off (about 0.41/0.23 vs 0.78/0.78 per client); "
-    "the same happened with more synthesis (8 or 4x30 steps), with a CE-dominated generator, with real "
-    "task-0 images as the pool, and with one joint forward of real and synthetic samples. Strict: the test "
-    "fails the day the property starts to hold, so the note gets revisited. See docs in methods/target.py."))
-def test_kd_on_the_synthetic_pool_leaves_more_old_task_accuracy_than_kd_off():
-    ws = workspace(KD_RUN)
-    old = {}
-    for kd in (25.0, 0.0):
-        cfg = TargetConfig(kd_weight=kd, syn_rounds=2, syn_iterations=10, syn_batch=32).resolved()
-        res = federation(Target, cfg, ws, KD_RUN, flops="off").run()
-        a = np.array(res.metrics["accuracy_matrix"], dtype=float)  # [client, after task, task]
-        old[kd] = a[:, 1, 0].mean()
-    assert old[25.0] > old[0.0] + 0.05
+    "measured: on this toy TARGET's KD (x25, T=2, old classes) on the offline synthetic pool (2 x 10 steps x "
+    "32 images) leaves LESS old-task accuracy than KD off (0.48 vs 0.71 as the benchmark scores it; 0.58 vs "
+    "0.88 within the old classes): the pool sits far from the teacher's BatchNorm statistics (BN loss 118 on "
+    "the pool vs 35 on real task-1 images) and KD x25 on it damages the features, the new task too (new-task "
+    "accuracy 0.25 vs 0.79). A 4 x 30 x 64 pool (BN loss 40, minutes of CPU) gives 0.73 vs 0.71 and 0.94 vs "
+    "0.88; even real old images give no reliable gain in the benchmark's score (see the test above). Strict: "
+    "it fails the day the property holds, so the note gets revisited. See methods/target.py."))
+def test_target_kd_on_the_synthetic_pool_leaves_more_old_task_accuracy_than_kd_off(kd_ws, target_kd_off):
+    bench_on, _ = _target_scores(kd_ws, 25.0)
+    assert bench_on > target_kd_off[0] + 0.05
+
+
+MFCL_KD_RUN = smoke_config(small_models="test_resnet", private="4", public="0", server_per_class="0",
+                           rounds_per_task="2", epochs="5", train_per_class="64", test_per_class="32")
+
+
+def test_mfcl_kd_keeps_the_old_classes_apart_better_than_kd_off():
+    """MFCL's L_kd (old head on the new and old features, real and synthetic samples) against
+    ``kd_weight=0`` on the private-class toy (5 epochs: MFCL's lr 0.1 moves the backbone fast). Measured
+    (seed 0): within the old classes 0.84 vs 0.66; as the benchmark scores it both forget everything
+    (0.01 vs 0.12): with the offline generator, L_ft's replay does not keep old images out of the new
+    classes. Only the within-old score is asserted."""
+    ws = workspace(MFCL_KD_RUN)
+    within = {}
+    for kd in (0.1, 0.0):
+        fed = federation(MFCL, MFCLConfig(kd_weight=kd).resolved(), ws, MFCL_KD_RUN, flops="off")
+        fed.run()
+        within[kd] = old_task_scores(fed)[1]
+    assert within[0.1] > within[0.0] + 0.05, within
