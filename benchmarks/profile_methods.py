@@ -231,7 +231,7 @@ def markdown(res: dict) -> str:
         per_img, ach, frac = (r["client_flops_per_train_image"], r["achieved_flops_per_s"],
                               r["fraction_of_frozen_forward"])
         cells = [name, f"{r['wall_seconds']:.1f}", *(_pct(r["shares"][k]) for k in (*PHASES, "rest")),
-                 _pct(r["harness_share"]), "n/a" if per_img is None else f"{per_img / 1e9:.3f}",
+                 _pct(r["harness_share"]), "n/a" if per_img is None else f"{per_img / 1e9:.3g}",
                  "n/a" if ach is None else f"{ach / 1e9:.2f}", "n/a" if frac is None else f"{frac:.2f}",
                  _gib(r["peak_rss_bytes"]), _gib(r["rss_after_bytes"])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -37,6 +37,7 @@ import matplotlib
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from fcl_bench import config as C
 from fcl_bench.executor import workspace_for
@@ -76,7 +77,7 @@ def measure_point(method: str, run: C.RunConfig, out: Path, flops: str) -> dict:
     cost = r["wall"] - fill
     parts["harness"] = cost - sum(parts.values())
     return {"cost_seconds": cost, "wall_seconds": r["wall"], "cache_fill_seconds": fill,
-            "components": {k: float(v) for k, v in parts.items()},
+            "components": {k: float(v) for k, v in parts.items()}, "phase_seconds": ph,
             "train_images": train_images(r["rounds"], run.epochs), "final_acc": r["metrics"].get("final_acc")}
 
 
@@ -142,7 +143,10 @@ def plot(res: dict, path: Path) -> None:
             bottom.legend(fontsize=6)
             for ax in (top, bottom):
                 ax.set_xticks(xs, [str(int(v)) for v in xs])
-                ax.minorticks_off()
+                ax.xaxis.set_minor_locator(NullLocator())
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+                ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         fig.suptitle(f"fcl-bench scaling ({res['threads']} thread(s), {res['device']}, smoke-sized points; "
                      "p: fitted exponent, seconds ~ x^p)", fontsize=9)
         fig.savefig(path, dpi=130)
