@@ -14,8 +14,9 @@ uninterrupted run's (timings aside).
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,11 @@ from fcl_bench.nn.cache import FeatureView
 from fcl_bench.nn.small import build_small_model
 from fcl_bench.workspace import Workspace
 
-__all__ = ["Federation", "RngStreams", "RunResult", "participants"]
+__all__ = ["Federation", "PhaseClock", "RngStreams", "RunResult", "participants"]
 
 #: rounds.csv columns that hold timings or memory: they differ between otherwise identical runs.
 TIMING_KEYS = ("wall_seconds", "client_train_seconds", "server_seconds", "seconds", "peak_memory_bytes",
-               "server_peak_memory_bytes", "cache_fill")
+               "server_peak_memory_bytes", "cache_fill", "phase_seconds")
 
 
 @dataclass
@@ -156,15 +157,53 @@ def open_task(ws: Workspace, env: ClientEnv, t: int) -> Task:
     return env.task(t)
 
 
+class PhaseClock:
+    """Wall seconds per phase of a run (``phase_seconds`` in ``metrics.json``), for profiling where a run's
+    time goes: ``with clock("eval"): ...``. Phases nest, and each counts its own time only: a phase opened
+    inside another is taken out of the outer one. Seconds that ``aside()`` (a running total, here the
+    feature cache's fill seconds) gains while a phase is open are the shared cache fill, counted under
+    ``cache_fill`` instead of the phase. A phase costs two ``perf_counter`` calls; on CUDA, work still queued
+    when a phase ends is counted in whichever phase next waits for it."""
+
+    def __init__(self, aside: Callable[[], float] | None = None, now: Callable[[], float] = time.perf_counter):
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self._aside = aside or (lambda: 0.0)
+        self._now = now
+        self._open: list[list[float]] = []  # per open phase: [seconds of phases inside, aside inside them]
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0, a0 = self._now(), self._aside()
+        self._open.append([0.0, 0.0])
+        try:
+            yield
+        finally:
+            total, aside = self._now() - t0, self._aside() - a0
+            inner, inner_aside = self._open.pop()
+            own_aside = aside - inner_aside
+            self.seconds[name] += total - inner - own_aside
+            self.seconds["cache_fill"] += own_aside
+            if self._open:
+                self._open[-1][0] += total
+                self._open[-1][1] += aside
+
+
 def train_client(client: Client, info: RoundInfo, acct: Accountant, c: int, declared: tuple[str, ...],
-                 method: str) -> tuple[wire.Message, Measurement, int]:
+                 method: str, clock: PhaseClock | None = None) -> tuple[wire.Message, Measurement, int]:
     """Client ``c``'s round: ``train_round`` measured, its upload checked and serialised (the bytes that
-    travel), and its trainable parameter count."""
-    with acct.measure(c, info.task) as m:
+    travel), and its trainable parameter count. ``clock`` (optional) times the phases ``client_train`` and
+    ``wire``."""
+    phase = clock or (lambda name: nullcontext())
+    with phase("client_train"), acct.measure(c, info.task) as m:
         up = client.train_round(info)
     who = f"client {c} upload"
-    check_payload(up, f"{method}: {who}", declared)
-    return wire.encode(up, who), m, client.trainable_parameters()
+    with phase("wire"):
+        check_payload(up, f"{method}: {who}", declared)
+        msg = wire.encode(up, who)
+    return msg, m, client.trainable_parameters()
 
 
 @dataclass
@@ -191,6 +230,7 @@ class Federation:
         torch.manual_seed(run.seed)
         np.random.seed(run.seed % 2**32)
         self.t_start = time.perf_counter()
+        self.clock = PhaseClock(aside=(lambda: ws.features.fill_seconds) if ws.features is not None else None)
         self.amp = torch.bfloat16 if (run.amp and ws.device.type == "cuda") else None
         common = env_fields(ws, run, fm, self.amp, log)
         self.common = common
@@ -218,6 +258,7 @@ class Federation:
         self.fingerprint: str | None = None  # what a checkpoint must match to be resumed (set by the executor)
         self._checkpoints_off = False
         self._fill0 = ws.features.fill_totals() if ws.features is not None else None
+        self.clock.add("setup", time.perf_counter() - self.t_start)  # the method, its clients and server built
 
     # -- environments ------------------------------------------------------------------------------
     def _build_clients(self) -> None:
@@ -266,15 +307,18 @@ class Federation:
     def _deliver(self, msgs: Mapping[int, wire.Message], kind: DownloadKind) -> None:
         """Hand each addressed client its download."""
         for c, msg in msgs.items():
-            with self.streams.party(c):
-                self.clients[c].receive(wire.decode(msg, self.ws.device), kind)
+            with self.clock("wire"):
+                download = wire.decode(msg, self.ws.device)
+            with self.streams.party(c), self.clock("client_other"):
+                self.clients[c].receive(download, kind)
 
     def _start_clients(self, t: int, msgs: Mapping[int, wire.Message]) -> None:
         """The task-start downloads, then every client's ``start_task``."""
         self._deliver(msgs, "start")
         for c in range(self.K):
-            with self.streams.party(c):
-                self.clients[c].start_task(self.open_task(c, t))
+            task = self.open_task(c, t)
+            with self.streams.party(c), self.clock("client_other"):
+                self.clients[c].start_task(task)
 
     def _train_clients(self, info: RoundInfo, bar=None) -> dict[int, tuple[wire.Message, Measurement, int]]:
         """The participants' rounds: client id -> (upload message, measurement, trainable parameters)."""
@@ -284,7 +328,8 @@ class Federation:
                 bar.set_postfix_str(f"task {info.task + 1}/{self.T} round {info.round + 1}/{self.R} "
                                     f"client {c + 1}/{self.K}")
             with self.streams.party(c):
-                out[c] = train_client(self.clients[c], info, self.acct, c, tuple(self.method.uploads), self.name)
+                out[c] = train_client(self.clients[c], info, self.acct, c, tuple(self.method.uploads), self.name,
+                                      self.clock)
             if bar is not None:
                 bar.update(1)
         return out
@@ -294,10 +339,10 @@ class Federation:
         ``self.correct`` and ``self.total``)."""
         self._deliver(msgs, "end")
         for c in range(self.K):
-            with self.streams.party(c):
+            with self.streams.party(c), self.clock("client_other"):
                 self.clients[c].end_task()
         for c in range(self.K):
-            with self.streams.party(c):
+            with self.streams.party(c), self.clock("eval"):
                 counts = evaluate_client(self.ws, c, self.clients[c], self.client_envs[c], t, self.name,
                                          amp=self.amp is not None)
             self.record_counts(c, t, counts)
@@ -309,9 +354,10 @@ class Federation:
 
     # -- the schedule ------------------------------------------------------------------------------
     def start_task(self, t: int) -> None:
-        with self.acct.measure("server:start", t) as m, self.streams.party(-1):
+        with self.clock("server"), self.acct.measure("server:start", t) as m, self.streams.party(-1):
             downloads = self.server.start_task(t)
-        msgs = self._encode_downloads(downloads, "start_task")
+        with self.clock("wire"):
+            msgs = self._encode_downloads(downloads, "start_task")
         self._server_row(t, 0, "start", m, sum(msg.nbytes for msg in msgs.values()))
         for c in range(self.K):
             if c in msgs:
@@ -326,7 +372,8 @@ class Federation:
         uploads: dict[int, Payload] = {}
         rows: dict[int, dict] = {}
         for c, (msg, m, trainable) in sorted(self._train_clients(info, bar).items()):
-            uploads[c] = wire.decode(msg, self.ws.device)
+            with self.clock("wire"):
+                uploads[c] = wire.decode(msg, self.ws.device)
             self.tally.manifest[str(c)] = self.tally.manifest.get(str(c), {}) | {  # latest shape of every name
                 name: {"shape": list(shape), "dtype": dt, "bytes": nb} for name, shape, dt, nb in msg.manifest}
             rows[c] = dict(task=t, round=r, client=c, phase="round", bytes_up=msg.nbytes, bytes_down=0,
@@ -334,9 +381,10 @@ class Federation:
                            peak_memory_bytes=m.peak_memory_bytes, memory_kind=m.memory_kind,
                            trainable_params=trainable,
                            train_samples=len(self.ws.scenario.train_indices[c][t]))
-        with self.acct.measure("server:round", t) as sm, self.streams.party(-1):
+        with self.clock("server"), self.acct.measure("server:round", t) as sm, self.streams.party(-1):
             downloads = self.server.aggregate(uploads, info)
-        msgs = self._encode_downloads(downloads, "aggregate")
+        with self.clock("wire"):
+            msgs = self._encode_downloads(downloads, "aggregate")
         self._deliver(msgs, "round")
         for c, msg in msgs.items():
             if c in rows:
@@ -348,9 +396,10 @@ class Federation:
         self._server_row(t, r, "round", sm, sum(msg.nbytes for msg in msgs.values()))
 
     def end_task(self, t: int) -> float:
-        with self.acct.measure("server:end", t) as m, self.streams.party(-1):
+        with self.clock("server"), self.acct.measure("server:end", t) as m, self.streams.party(-1):
             extra = self.server.end_task(t)
-        msgs = self._encode_downloads(extra, "end_task")
+        with self.clock("wire"):
+            msgs = self._encode_downloads(extra, "end_task")
         for c in range(self.K):  # one row per client, so end-of-task bytes are never lost
             self.tally.rows.append(dict(task=t, round=self.R, client=c, phase="end_task", bytes_up=0,
                                         bytes_down=msgs[c].nbytes if c in msgs else 0, train_seconds=0.0,
@@ -376,7 +425,8 @@ class Federation:
                     self.run_round(t, r, bar)
                 self.end_task(t)
                 if checkpoint is not None and (t < self.T - 1 or keep_final):
-                    self.save_checkpoint(checkpoint)
+                    with self.clock("checkpoint"):
+                        self.save_checkpoint(checkpoint)
         finally:
             bar.close()
         return self.result()
@@ -391,7 +441,7 @@ class Federation:
                 "rng": S.rng_state(gens), "streams": dict(self.streams.states),
                 "correct": {s: self.correct[s] for s in SPACES}, "total": self.total,
                 "rows": self.tally.rows, "manifest": self.tally.manifest,
-                "elapsed": time.perf_counter() - self.t_start}
+                "elapsed": time.perf_counter() - self.t_start, "phase_seconds": dict(self.clock.seconds)}
 
     def save_checkpoint(self, path: Path) -> int:
         """Write :meth:`state` atomically to ``path``; a method without ``state_dict`` runs on, uncheckpointed."""
@@ -425,6 +475,8 @@ class Federation:
         self.total = np.array(st["total"], dtype=float)
         self.tally = _Tally(rows=list(st["rows"]), manifest=dict(st["manifest"]))
         self.t_start = time.perf_counter() - float(st.get("elapsed", 0.0))
+        for name, sec in st.get("phase_seconds", {}).items():
+            self.clock.add(name, float(sec))
         self.next_task = t
 
     # -- results -----------------------------------------------------------------------------------
@@ -462,6 +514,7 @@ class Federation:
             "participation": self.run_cfg.participation,
             "server_samples": int(len(self.ws.scenario.server_indices)),
             "cache_fill": fill,
+            "phase_seconds": dict(sorted(self.clock.seconds.items())),
             "wire": {"client_uploads": self.tally.manifest},
         }
         return RunResult(metrics=metrics, rounds=rounds, seconds=seconds, method_config=self.method.config)
