@@ -71,12 +71,13 @@ def test_pretrain_cache_round_trip_and_report(tiny_data, tmp_path, monkeypatch):
     assert 0 <= report["probe_acc_pretrained"] <= 1 and 0 <= report["probe_acc_random_init"] <= 1
     assert np.isfinite(report["final_train_loss"])
     (weights,) = (tmp_path / "tiny_vit").glob("*.safetensors")
+    assert report.pop("origin") == "trained"                   # where it came from: not part of the file
     assert json.loads(weights.with_suffix(".json").read_text()) == report
 
     with monkeypatch.context() as m:
         m.setattr(pretrain, "_fit", lambda *a, **k: pytest.fail("the cached model was not used"))
         cached, cached_report = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=TINY_CFG, progress=False)
-    assert cached_report == report
+    assert cached_report.pop("origin") == "cache" and cached_report == report
     assert vit.state_dict().keys() == cached.state_dict().keys()
     for (name, a), (_, b) in zip(vit.state_dict().items(), cached.state_dict().items()):
         assert torch.equal(a, b), name
@@ -88,6 +89,28 @@ def test_pretrain_cache_round_trip_and_report(tiny_data, tmp_path, monkeypatch):
     retrained, _ = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=TINY_CFG, progress=False, probe=False)
     assert torch.equal(retrained.pos_embed, vit.pos_embed)     # same seed: the same weights again
     assert weights.stat().st_size > 1000
+
+
+def test_pretraining_pins_its_threads_and_restores_the_callers(tiny_data, tmp_path, monkeypatch):
+    seen = []
+    real = pretrain._fit
+
+    def fit(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "_fit", fit)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        import dataclasses
+
+        pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=dataclasses.replace(TINY_CFG, threads=1),
+                          progress=False, probe=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert PretrainConfig().precision == "fp32" and PretrainConfig().threads == 1  # what the shipped ones used
 
 
 def test_pretraining_is_deterministic_and_keyed_by_seed(tiny_data, tmp_path):
