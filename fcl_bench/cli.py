@@ -418,7 +418,10 @@ def _say_pretrained(what: str, name: str, model, report: dict, write_shipped: bo
             click.echo(f"  {k}: {report[k]}")
     if "key" not in report:
         return
-    click.echo(f"  {W.compare_to_shipped(report['key'], report.get('weights_sha256'))}")
+    if report.get("origin") == "shipped":
+        click.echo("  the shipped file (its sha256 checked); --force pretrains it again and compares")
+    else:
+        click.echo(f"  {W.compare_to_shipped(report['key'], report.get('weights_sha256'))}")
     if write_shipped:
         shipped = {k: v for k, v in report.items() if k != "origin"}
         path = W.write_shipped(report["key"], name, weights_bytes(model, report["key"]), shipped)

@@ -181,6 +181,7 @@ def test_pretrain_force_reproduces_the_shipped_files_bit_for_bit(cli, tiny_data,
 
     loaded = cli("pretrain", "--small-models", "test_resnet", "--quiet")  # no --force: the shipped files load
     assert loaded.exit_code == 0 and loaded.output.count(": shipped") == 2, loaded.output
+    assert loaded.output.count("its sha256 checked") == 2 and "bit for bit" not in loaded.output
 
 
 def test_pretrain_write_shipped_needs_force(cli):
