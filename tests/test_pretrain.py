@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcl_bench.data import Dataset, ImageSource, Preprocess
-from fcl_bench.datasets.synthetic import load_synthetic
+from fcl_bench.data import Dataset, Preprocess
 from fcl_bench.nn import pretrain
 from fcl_bench.nn.pretrain import PretrainConfig, fit_linear_classifier, linear_probe, pretrain_tiny_vit
 from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG, build_tiny_vit
@@ -23,9 +22,9 @@ REPORT_KEYS = {"version", "key", "dataset_fingerprint", "seed", "config", "epoch
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    return load_synthetic(root=tmp_path_factory.mktemp("synthetic"), num_classes=6, train_per_class=6,
-                          test_per_class=3, pretrain_classes=6, pretrain_train_per_class=8,
-                          pretrain_test_per_class=2)
+    from helpers import tiny_synthetic
+
+    return tiny_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 def test_tiny_vit_returns_final_norm_cls_feature():
@@ -124,20 +123,10 @@ def test_pretraining_is_deterministic_and_keyed_by_seed(tiny_data, tmp_path):
     assert len(list((tmp_path / "a" / "tiny_vit").glob("*.safetensors"))) == 2
 
 
-class _Forbidden(ImageSource):
-    """A split that fails on any read: pretraining must never touch the FCL classes."""
-
-    def __init__(self, n: int):
-        self.labels = np.zeros(n, dtype=np.int64)
-
-    def load(self, indices, pre, device="cpu"):
-        raise AssertionError("pretraining read an FCL image")
-
-
 def test_pretraining_reads_only_the_pretrain_classes(tiny_data, tmp_path):
-    guarded = Dataset(name="guarded", train=_Forbidden(len(tiny_data.train)), test=_Forbidden(len(tiny_data.test)),
-                      classes=tiny_data.classes, fingerprint="guarded", pretrain=tiny_data.pretrain)
-    vit, report = pretrain_tiny_vit(guarded, cache_dir=tmp_path, config=TINY_CFG, progress=False, probe=False)
+    from helpers import guarded
+
+    vit, report = pretrain_tiny_vit(guarded(tiny_data), cache_dir=tmp_path, config=TINY_CFG, progress=False, probe=False)
     assert report["probe_acc_pretrained"] is None and vit.num_classes == 0
 
 

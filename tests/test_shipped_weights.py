@@ -13,7 +13,6 @@ import torch
 
 from fcl_bench import weights as W
 from fcl_bench.data import Preprocess
-from fcl_bench.datasets.synthetic import load_synthetic
 from fcl_bench.nn import pretrain
 from fcl_bench.nn.pretrain import PretrainConfig, SmallPretrainConfig, pretrain_tiny_vit, weights_key
 from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG
@@ -25,9 +24,9 @@ PRE = Preprocess(**TINY_VIT_CONFIG)
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    return load_synthetic(root=tmp_path_factory.mktemp("synthetic"), num_classes=6, train_per_class=6,
-                          test_per_class=3, pretrain_classes=6, pretrain_train_per_class=8,
-                          pretrain_test_per_class=2)
+    from helpers import tiny_synthetic
+
+    return tiny_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture

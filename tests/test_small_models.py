@@ -32,11 +32,9 @@ def test_unknown_arch_is_a_clear_error():
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 
-import numpy as np  # noqa: E402
 import timm  # noqa: E402
 
-from fcl_bench.data import Dataset, ImageSource, Preprocess  # noqa: E402
-from fcl_bench.datasets.synthetic import load_synthetic  # noqa: E402
+from fcl_bench.data import Preprocess  # noqa: E402
 from fcl_bench.nn import pretrain, small  # noqa: E402
 from fcl_bench.nn.pretrain import SmallPretrainConfig, pretrain_small_model  # noqa: E402
 from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG  # noqa: E402
@@ -47,9 +45,9 @@ TINY_SMALL_CFG = SmallPretrainConfig(batch_size=16)
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    return load_synthetic(root=tmp_path_factory.mktemp("synthetic"), num_classes=6, train_per_class=6,
-                          test_per_class=3, pretrain_classes=6, pretrain_train_per_class=8,
-                          pretrain_test_per_class=2)
+    from helpers import tiny_synthetic
+
+    return tiny_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture
@@ -59,19 +57,10 @@ def tiny_recipe(monkeypatch, tmp_path):
     monkeypatch.setenv("FCL_BENCH_CACHE", str(tmp_path / "cache"))
 
 
-class _Forbidden(ImageSource):
-    """A split that fails on any read: pretraining must never touch the FCL classes."""
-
-    def __init__(self, n: int):
-        self.labels = np.zeros(n, dtype=np.int64)
-
-    def load(self, indices, pre, device="cpu"):
-        raise AssertionError("pretraining read an FCL image")
-
-
 def test_small_pretraining_reads_only_the_pretraining_classes_and_caches(tiny_data, tmp_path):
-    guarded = Dataset(name="guarded", train=_Forbidden(len(tiny_data.train)), test=_Forbidden(len(tiny_data.test)),
-                      classes=tiny_data.classes, fingerprint="guarded", pretrain=tiny_data.pretrain)
+    from helpers import guarded as guard
+
+    guarded = guard(tiny_data)
     backbone, report = pretrain_small_model("test_resnet", guarded, PRE, cache_dir=tmp_path, config=TINY_SMALL_CFG,
                                             progress=False)
     assert report["origin"] == "trained" and report["model"] == "test_resnet"
