@@ -22,13 +22,15 @@ def _user_errors():
     from fcl_bench.datasets import DatasetError
     from fcl_bench.executor import PlanError
     from fcl_bench.nn.foundation import FoundationError
+    from fcl_bench.nn.small import SmallModelError
     from fcl_bench.paths import PathError
     from fcl_bench.registry import RegistryError
     from fcl_bench.scenario import ScenarioError
     from fcl_bench.suites import SuiteError
+    from fcl_bench.weights import ShippedWeightsError
 
     return (C.ConfigError, RegistryError, DatasetError, ScenarioError, FoundationError, PlanError, PathError,
-            SuiteError)
+            SuiteError, SmallModelError, ShippedWeightsError)
 
 
 MAX_SEED = 2**32 - 1
@@ -361,26 +363,69 @@ def scenario(preset, dataset, data_root, download, foundation, foundation_weight
 
 @main.command()
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="retrain even if cached")
+@click.option("--force", is_flag=True,
+              help="pretrain again even over shipped or cached weights (the result goes to the cache)")
+@click.option("--small-models", default=None, metavar="ARCHS",
+              help="comma-separated timm CNNs to pretrain as well; 'none' for none  [default: the CNNs of the "
+                   "offline presets that start pretrained]")
+@click.option("--write-shipped", is_flag=True,
+              help="for maintainers: also write the new weights into the package's fcl_bench/weights/ and its "
+                   "manifest (needs --force)")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
-def pretrain(seed, force, device, quiet):
-    """Pretrain the tiny offline foundation ViT on the synthetic pretraining classes (cached)."""
+def pretrain(seed, force, small_models, write_shipped, device, quiet):
+    """Pretrain the offline models on the synthetic pretraining classes: the tiny foundation ViT and the
+    client CNNs of the offline presets. Shipped or cached weights are loaded instead unless --force; each
+    result says whether it matches the shipped file bit for bit."""
+    from fcl_bench.data import Preprocess
     from fcl_bench.datasets import load_dataset
-    from fcl_bench.nn.pretrain import pretrain_tiny_vit
+    from fcl_bench.nn import pretrain as P
+    from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG
     from fcl_bench.workspace import resolve_device
 
     try:
         if not 0 <= seed <= MAX_SEED:
             raise C.ConfigError(f"--seed {seed} is out of range; seeds are integers in 0..{MAX_SEED}")
+        if write_shipped and not force:
+            raise C.ConfigError("--write-shipped writes freshly pretrained weights into the package; add --force")
+        archs = C.offline_pretrained_archs() if small_models is None else [
+            a.strip() for a in small_models.split(",") if a.strip() and a.strip().lower() != "none"]
         dev = resolve_device(device)
     except (C.ConfigError, ValueError) as e:
         raise UserError(str(e)) from None
     ds = load_dataset("synthetic")
-    _, report = pretrain_tiny_vit(ds, seed=seed, force=force, progress=not quiet, device=dev)
-    for k in ("probe_acc_pretrained", "probe_acc_random_init", "train_seconds", "images_per_second", "epochs"):
-        if k in report:
-            click.echo(f"{k}: {report[k]}")
+    try:
+        results = [("tiny ViT", "tiny_vit", *P.pretrain_tiny_vit(ds, seed=seed, force=force, progress=not quiet,
+                                                                  device=dev))]
+        for arch in archs:
+            results.append((arch, arch, *P.pretrain_small_model(arch, ds, Preprocess(**TINY_VIT_CONFIG), seed=seed,
+                                                                force=force, progress=not quiet, device=dev)))
+    except _user_errors() as e:
+        raise UserError(str(e)) from None
+    for what, name, model, report in results:
+        _say_pretrained(what, name, model, report, write_shipped)
+
+
+def _say_pretrained(what: str, name: str, model, report: dict, write_shipped: bool) -> None:
+    """What ``fcl-bench pretrain`` prints about one model (and, with ``--write-shipped``, ships it)."""
+    from fcl_bench import weights as W
+    from fcl_bench.nn.pretrain import weights_bytes
+
+    click.echo(f"{what}: {report.get('origin', 'trained')}")
+    for k in ("probe_acc_pretrained", "probe_acc_random_init", "pretrain_test_accuracy", "train_seconds",
+              "images_per_second", "epochs", "weights_sha256"):
+        if report.get(k) is not None:
+            click.echo(f"  {k}: {report[k]}")
+    if "key" not in report:
+        return
+    if report.get("origin") == "shipped":
+        click.echo("  the shipped file (its sha256 checked); --force pretrains it again and compares")
+    else:
+        click.echo(f"  {W.compare_to_shipped(report['key'], report.get('weights_sha256'))}")
+    if write_shipped:
+        shipped = {k: v for k, v in report.items() if k != "origin"}
+        path = W.write_shipped(report["key"], name, weights_bytes(model, report["key"]), shipped)
+        click.echo(f"  wrote {path}")
 
 
 def _attach_report() -> None:

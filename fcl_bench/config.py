@@ -36,6 +36,9 @@ class RunConfig:
     offline presets stay fast. ``server_per_class`` training samples of each public class are held by the
     server, never by a client (default 0: no server-held split). ``participation``: the fraction of
     clients that train in a round (a seeded sample per round; 1.0, the paper's setting, is all of them).
+    ``small_pretrained``: the client CNNs' backbones start pretrained (on the synthetic dataset's
+    pretraining classes offline, timm's pretrained tag on a real dataset) instead of at random init; see
+    :mod:`fcl_bench.nn.small`.
 
     The fields that decide what runs share (data, scenario, foundation model, feature cache) are marked
     ``_shared`` here; they make up :class:`WorkspaceConfig`, and :meth:`workspace` extracts them.
@@ -49,6 +52,7 @@ class RunConfig:
     foundation_pretrained: bool = _shared(True)
     small_models: list[str] = field(default_factory=lambda: ["resnet18"])
     small_width: int = 512
+    small_pretrained: bool = False
     clients: int = _shared(5)
     private: int = _shared(15)
     public: int = _shared(25)
@@ -123,33 +127,49 @@ are equal share data, scenario, foundation model and feature cache (the executor
 #: of each public class that no client holds; FedMGP distils its global prompts on it, other methods ignore
 #: it): 2 of 16 per class on smoke, 8 of 80 on quick, 20 of 500 on paper-cifar100 (the official FedMGP
 #: ``surrogate_num``, which it draws from the test split). paper-imagenet-r has no public classes, so no split.
+#: ``small_pretrained``: quick starts its client CNNs from the backbone the suite pretrains (and ships) on the
+#: synthetic pretraining classes; smoke (tests) from random init. The paper presets start from random init:
+#: the paper (5.1) names ResNet-18 clients but no pretrained weights for them, and the CNN baselines it
+#: compares with (GLFC, TARGET, MFCL) train their CNNs from scratch; `-o small_pretrained=true` there loads
+#: timm's ImageNet weights.
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds: for tests and a first look
     "smoke": dict(dataset="synthetic", foundation="tiny", small_models=["mobilenetv3_small_050"], small_width=64,
                   clients=2, private=2, public=2, tasks=2, classes_per_task=2, rounds_per_task=1, epochs=1,
-                  batch_size=32, train_per_class=16, test_per_class=8, alpha=1.0, server_per_class=2),
+                  batch_size=32, train_per_class=16, test_per_class=8, alpha=1.0, server_per_class=2,
+                  small_pretrained=False),
     # minutes on a laptop CPU for every method; the default of `fcl-bench run`
     "quick": dict(dataset="synthetic", foundation="tiny", small_models=["mobilenetv3_small_050"], small_width=128,
                   clients=3, private=4, public=8, tasks=3, classes_per_task=4, rounds_per_task=2, epochs=1,
-                  batch_size=32, train_per_class=80, test_per_class=40, alpha=0.5, server_per_class=8),
+                  batch_size=32, train_per_class=80, test_per_class=40, alpha=0.5, server_per_class=8,
+                  small_pretrained=True),
     # the paper's protocol (section 5.1): ViT-B/16 at 224, resnet18 clients, Adam lr 1e-3
     "paper-cifar100": dict(dataset="cifar100", foundation="vit_base_patch16_224.augreg_in21k_ft_in1k",
                            small_models=["resnet18"], small_width=512, clients=5, private=15, public=25,
                            tasks=5, classes_per_task=8, rounds_per_task=5, epochs=1, batch_size=64,
-                           alpha=0.5, server_per_class=20),
+                           alpha=0.5, server_per_class=20, small_pretrained=False),
     "paper-imagenet-r": dict(dataset="imagenet-r", foundation="vit_base_patch16_224.augreg_in21k_ft_in1k",
                              small_models=["resnet18"], small_width=512, clients=5, private=40, public=0,
                              tasks=5, classes_per_task=8, rounds_per_task=5, epochs=1, batch_size=64,
-                             alpha=0.5),
+                             alpha=0.5, small_pretrained=False),
 }
 PRESET_HELP = {
-    "smoke": "seconds: 2 clients, 2 tasks x 2 classes, tiny data, 2 server-held samples per public class (tests)",
+    "smoke": "seconds: 2 clients, 2 tasks x 2 classes, tiny data, 2 server-held samples per public class, client "
+             "CNNs from random init (tests)",
     "quick": "minutes on CPU: 3 clients, 3 tasks x 4 classes, synthetic data, tiny pretrained ViT, 8 server-held samples per "
-             "public class (default)",
+             "public class, client CNNs pretrained on the synthetic pretraining classes (default)",
     "paper-cifar100": "paper protocol on CIFAR-100: 5 clients, 15 private + 25 public, 5 tasks x 8, ViT-B/16, "
-                      "20 server-held samples per public class",
-    "paper-imagenet-r": "paper protocol on ImageNet-R: 5 clients, 40 private, 0 public, 5 tasks x 8, ViT-B/16",
+                      "20 server-held samples per public class, resnet18 clients from random init",
+    "paper-imagenet-r": "paper protocol on ImageNet-R: 5 clients, 40 private, 0 public, 5 tasks x 8, ViT-B/16, "
+                        "resnet18 clients from random init",
 }
+
+
+def offline_pretrained_archs() -> list[str]:
+    """The client CNNs that offline presets (synthetic data) start pretrained: the small-model weights the
+    package ships and ``fcl-bench pretrain`` makes."""
+    return sorted({arch for p in PRESETS.values() if p.get("dataset") == "synthetic" and p.get("small_pretrained")
+                   for arch in p["small_models"]})
 
 
 def preset(name: str) -> RunConfig:

@@ -47,7 +47,7 @@ from fcl_bench.config import RunConfig
 from fcl_bench.evaluation import SPACES, accuracy_after, evaluate_client, new_tallies
 from fcl_bench.metrics import summarise
 from fcl_bench.nn.cache import FeatureView
-from fcl_bench.nn.small import build_small_model
+from fcl_bench.nn.small import small_model_factory
 from fcl_bench.workspace import Workspace
 
 __all__ = ["Federation", "PhaseClock", "RngStreams", "RunResult", "participants"]
@@ -123,13 +123,16 @@ def scenario_info(ws: Workspace, rounds_per_task: int) -> ScenarioInfo:
 
 
 def env_fields(ws: Workspace, run: RunConfig, fm: Any, amp: torch.dtype | None,
-               log: Callable[[str], None]) -> dict:
-    """The fields every environment of a run shares (:class:`~fcl_bench.api.MethodEnv`'s)."""
+               log: Callable[[str], None], progress: bool = True) -> dict:
+    """The fields every environment of a run shares (:class:`~fcl_bench.api.MethodEnv`'s); small models
+    come from :func:`~fcl_bench.nn.small.small_model_factory` (``run.small_pretrained``)."""
+    make_small = small_model_factory(run.small_pretrained, ws.full_dataset or ws.dataset, ws.preprocess,
+                                     ws.device, log=log, progress=progress)
     return dict(scenario=scenario_info(ws, run.rounds_per_task), device=ws.device, amp_dtype=amp,
                 foundation=fm, small_archs=list(run.small_models), small_width=run.small_width,
                 seed=run.seed, batch_size=run.batch_size, epochs=run.epochs,
                 eval_batch_size=run.eval_batch_size, participation=run.participation, log=log,
-                preprocess=ws.preprocess, image_size=ws.dataset.native_size, _make_small=build_small_model)
+                preprocess=ws.preprocess, image_size=ws.dataset.native_size, _make_small=make_small)
 
 
 def client_env(ws: Workspace, c: int, common: dict) -> ClientEnv:
@@ -232,7 +235,7 @@ class Federation:
         self.t_start = time.perf_counter()
         self.clock = PhaseClock(aside=(lambda: ws.features.fill_seconds) if ws.features is not None else None)
         self.amp = torch.bfloat16 if (run.amp and ws.device.type == "cuda") else None
-        common = env_fields(ws, run, fm, self.amp, log)
+        common = env_fields(ws, run, fm, self.amp, log, progress)
         self.common = common
         self.method_env = MethodEnv(**common)
         self.method = method_cls(method_cfg, self.method_env)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from fcl_bench.api import RoundInfo
 from fcl_bench.config import RunConfig, apply_overrides, preset
+from fcl_bench.data import Dataset, ImageSource
 from fcl_bench.federation import Federation, RunResult
 from fcl_bench.workspace import Workspace
 
@@ -40,3 +43,27 @@ def round_info(task: int = 0, rnd: int = 0, rounds: int = 1, participants: tuple
 
 def run(method_cls, cfg, ws: Workspace, run: RunConfig | None = None, flops: str = "off", **kw) -> RunResult:
     return federation(method_cls, cfg, ws, run, flops=flops, **kw).run()
+
+
+def tiny_synthetic(root) -> Dataset:
+    """A synthetic dataset of 6 FCL and 6 pretraining classes (8 pretraining images each), generated in ``root``."""
+    from fcl_bench.datasets.synthetic import load_synthetic
+
+    return load_synthetic(root=root, num_classes=6, train_per_class=6, test_per_class=3, pretrain_classes=6,
+                          pretrain_train_per_class=8, pretrain_test_per_class=2)
+
+
+class ForbiddenSource(ImageSource):
+    """A split that fails on any read: pretraining must never touch the FCL classes."""
+
+    def __init__(self, n: int):
+        self.labels = np.zeros(n, dtype=np.int64)
+
+    def load(self, indices, pre, device="cpu"):
+        raise AssertionError("pretraining read an FCL image")
+
+
+def guarded(ds: Dataset) -> Dataset:
+    """``ds`` with FCL splits that fail on any read (its pretraining classes intact)."""
+    return Dataset(name="guarded", train=ForbiddenSource(len(ds.train)), test=ForbiddenSource(len(ds.test)),
+                   classes=ds.classes, fingerprint="guarded", pretrain=ds.pretrain)

@@ -106,6 +106,7 @@ def sandbox(tmp_path, monkeypatch):
     calls: list = []
     monkeypatch.setattr(cli_module, "execute", lambda specs, runner=None: calls.append(len(specs)) or True)
     monkeypatch.setattr(pretrain_module, "pretrain_tiny_vit", lambda *a, **k: (None, {"epochs": 0}))
+    monkeypatch.setattr(pretrain_module, "pretrain_small_model", lambda *a, **k: (None, {"epochs": 0}))
     import torch  # `--threads N` would set this process's torch threads for every later test
 
     monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))

@@ -71,8 +71,11 @@ def test_a_built_wheel_holds_no_top_level_methods_or_datasets(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops <= {"fcl_bench", next(t for t in tops if t.endswith(".dist-info"))}
     for module in ("fcl_bench/methods/fedavg.py", "fcl_bench/datasets/synthetic.py", "fcl_bench/wire.py",
-                   "fcl_bench/suites/table1.json"):
+                   "fcl_bench/suites/table1.json", "fcl_bench/weights/manifest.json"):
         assert module in names
+    manifest = json.loads(zipfile.ZipFile(wheel).read("fcl_bench/weights/manifest.json"))
+    for entry in manifest["weights"].values():  # every pinned weights file ships in the wheel
+        assert f"fcl_bench/weights/{entry['file']}" in names
 
 
 def test_no_harness_module_imports_a_method():

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fcl_bench.data import Dataset, ImageSource, Preprocess
-from fcl_bench.datasets.synthetic import load_synthetic
+from fcl_bench.data import Dataset, Preprocess
 from fcl_bench.nn import pretrain
 from fcl_bench.nn.pretrain import PretrainConfig, fit_linear_classifier, linear_probe, pretrain_tiny_vit
 from fcl_bench.nn.tiny_vit import TINY_VIT_CONFIG, build_tiny_vit
@@ -23,9 +22,9 @@ REPORT_KEYS = {"version", "key", "dataset_fingerprint", "seed", "config", "epoch
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    return load_synthetic(root=tmp_path_factory.mktemp("synthetic"), num_classes=6, train_per_class=6,
-                          test_per_class=3, pretrain_classes=6, pretrain_train_per_class=8,
-                          pretrain_test_per_class=2)
+    from helpers import tiny_synthetic
+
+    return tiny_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 def test_tiny_vit_returns_final_norm_cls_feature():
@@ -71,12 +70,13 @@ def test_pretrain_cache_round_trip_and_report(tiny_data, tmp_path, monkeypatch):
     assert 0 <= report["probe_acc_pretrained"] <= 1 and 0 <= report["probe_acc_random_init"] <= 1
     assert np.isfinite(report["final_train_loss"])
     (weights,) = (tmp_path / "tiny_vit").glob("*.safetensors")
+    assert report.pop("origin") == "trained"                   # where it came from: not part of the file
     assert json.loads(weights.with_suffix(".json").read_text()) == report
 
     with monkeypatch.context() as m:
         m.setattr(pretrain, "_fit", lambda *a, **k: pytest.fail("the cached model was not used"))
         cached, cached_report = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=TINY_CFG, progress=False)
-    assert cached_report == report
+    assert cached_report.pop("origin") == "cache" and cached_report == report
     assert vit.state_dict().keys() == cached.state_dict().keys()
     for (name, a), (_, b) in zip(vit.state_dict().items(), cached.state_dict().items()):
         assert torch.equal(a, b), name
@@ -90,6 +90,28 @@ def test_pretrain_cache_round_trip_and_report(tiny_data, tmp_path, monkeypatch):
     assert weights.stat().st_size > 1000
 
 
+def test_pretraining_pins_its_threads_and_restores_the_callers(tiny_data, tmp_path, monkeypatch):
+    seen = []
+    real = pretrain._fit
+
+    def fit(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "_fit", fit)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        import dataclasses
+
+        pretrain_tiny_vit(tiny_data, cache_dir=tmp_path, config=dataclasses.replace(TINY_CFG, threads=1),
+                          progress=False, probe=False)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert PretrainConfig().precision == "fp32" and PretrainConfig().threads == 1  # what the shipped ones used
+
+
 def test_pretraining_is_deterministic_and_keyed_by_seed(tiny_data, tmp_path):
     cfg = TINY_CFG
     a, _ = pretrain_tiny_vit(tiny_data, cache_dir=tmp_path / "a", config=cfg, progress=False, probe=False)
@@ -101,20 +123,10 @@ def test_pretraining_is_deterministic_and_keyed_by_seed(tiny_data, tmp_path):
     assert len(list((tmp_path / "a" / "tiny_vit").glob("*.safetensors"))) == 2
 
 
-class _Forbidden(ImageSource):
-    """A split that fails on any read: pretraining must never touch the FCL classes."""
-
-    def __init__(self, n: int):
-        self.labels = np.zeros(n, dtype=np.int64)
-
-    def load(self, indices, pre, device="cpu"):
-        raise AssertionError("pretraining read an FCL image")
-
-
 def test_pretraining_reads_only_the_pretrain_classes(tiny_data, tmp_path):
-    guarded = Dataset(name="guarded", train=_Forbidden(len(tiny_data.train)), test=_Forbidden(len(tiny_data.test)),
-                      classes=tiny_data.classes, fingerprint="guarded", pretrain=tiny_data.pretrain)
-    vit, report = pretrain_tiny_vit(guarded, cache_dir=tmp_path, config=TINY_CFG, progress=False, probe=False)
+    from helpers import guarded
+
+    vit, report = pretrain_tiny_vit(guarded(tiny_data), cache_dir=tmp_path, config=TINY_CFG, progress=False, probe=False)
     assert report["probe_acc_pretrained"] is None and vit.num_classes == 0
 
 

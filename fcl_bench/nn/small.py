@@ -1,11 +1,59 @@
 """Client small models: any timm CNN (``num_classes=0``) followed by a projection to a common width, so
-that server-side fusion works across heterogeneous architectures."""
+that server-side fusion works across heterogeneous architectures.
+
+Every method builds its CNNs through the run's :func:`small_model_factory` (``MethodEnv.build_small_model``),
+which decides where a backbone starts (the ``small_pretrained`` run option):
+
+- ``small_pretrained=false``: timm's random init;
+- ``true`` on a dataset with pretraining classes (the synthetic dataset, offline): the backbone pretrained by
+  the suite on ``dataset.pretrain`` (:func:`fcl_bench.nn.pretrain.pretrain_small_model`; shipped or cached
+  like the tiny ViT), never on an FCL class;
+- ``true`` on a real dataset: timm's pretrained tag (``timm.create_model(arch, pretrained=True)``, from the
+  hub or timm's local cache).
+
+The projection always starts from its seeded random init, and the backbone is built (drawing its random
+init) before any pretrained weights are loaded, so both settings draw the same random numbers.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import timm
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fcl_bench.data import Dataset, Preprocess
+
+
+class SmallModelError(ValueError):
+    """A small model that cannot be built or whose pretrained weights cannot be had; says what to do."""
+
+
+def small_backbone(arch: str, pretrained: bool = False) -> nn.Module:
+    """The timm model ``arch`` without its classifier (``num_classes=0``): ``(B, 3, H, W) -> (B, D)``."""
+    try:
+        return timm.create_model(arch, pretrained=pretrained, num_classes=0)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        if not timm.is_model(arch):
+            raise SmallModelError(f"unknown small-model architecture '{arch}': {e}. "
+                                  "Use any timm CNN name, e.g. resnet18, mobilenetv3_large_100") from None
+        raise
+    except Exception as e:  # network failures from the hub, an arch without pretrained weights
+        if not pretrained:
+            raise
+        raise SmallModelError(
+            f"could not fetch timm's pretrained weights for small model '{arch}' ({type(e).__name__}: {e}). "
+            "Offline? Download them on a connected machine into timm's cache, or run with "
+            "-o small_pretrained=false (random init)") from None
+
+
+def feature_width(model: nn.Module) -> int:
+    """The width of ``model``'s features: timm models with a pre-logits stage (MobileNetV3's conv_head,
+    VGG's ConvMlp) output ``head_hidden_size`` features rather than ``num_features``."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
 
 
 class SmallModel(nn.Module):
@@ -13,21 +61,49 @@ class SmallModel(nn.Module):
 
     def __init__(self, arch: str, width: int):
         super().__init__()
-        try:
-            self.backbone = timm.create_model(arch, pretrained=False, num_classes=0)
-        except RuntimeError as e:  # timm: "Unknown model (...)"
-            raise ValueError(f"unknown small-model architecture '{arch}': {e}. "
-                             "Use any timm CNN name, e.g. resnet18, mobilenetv3_large_100") from None
+        self.backbone = small_backbone(arch)
         self.arch = arch
         self.width = width
-        # timm models with a pre-logits stage (MobileNetV3's conv_head, VGG's ConvMlp) output
-        # head_hidden_size features rather than num_features
-        out = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
-        self.proj = nn.Linear(out, width)
+        self.proj = nn.Linear(feature_width(self.backbone), width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.backbone(x))
 
 
 def build_small_model(arch: str, width: int) -> SmallModel:
+    """A small model at timm's random init (seeded by the global torch RNG)."""
     return SmallModel(arch, width)
+
+
+def pretrained_backbone_state(arch: str, dataset: Dataset, pre: Preprocess, device: torch.device | str = "cpu",
+                              progress: bool = True) -> tuple[dict[str, torch.Tensor], str]:
+    """The pretrained state dict of ``arch``'s backbone for a run on ``dataset`` with inputs through ``pre``,
+    and one line saying where it comes from (see the module docstring)."""
+    if dataset.pretrain is not None:
+        from fcl_bench.nn import pretrain
+
+        backbone, report = pretrain.pretrain_small_model(arch, dataset, pre, device=device, progress=progress)
+        return backbone.state_dict(), (f"{arch} backbone pretrained on {dataset.name}'s pretraining classes "
+                                       f"({report['origin']}, sha256 {report['weights_sha256'][:12]})")
+    with torch.random.fork_rng(devices=[]):  # the random init it overwrites must not move the run's RNG
+        backbone = small_backbone(arch, pretrained=True)
+    return backbone.state_dict(), f"{arch} backbone from timm's pretrained weights ({backbone.pretrained_cfg.get('tag') or 'default tag'})"
+
+
+def small_model_factory(pretrained: bool, dataset: Dataset, pre: Preprocess, device: torch.device | str = "cpu",
+                        log: Callable[[str], None] = print,
+                        progress: bool = True) -> Callable[[str, int], SmallModel]:
+    """The run's ``(arch, width) -> SmallModel``: random init, or with ``pretrained`` the backbone of
+    :func:`pretrained_backbone_state` (fetched once per arch, on the first model of that arch)."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def make(arch: str, width: int) -> SmallModel:
+        model = SmallModel(arch, width)
+        if pretrained:
+            if arch not in states:
+                states[arch], line = pretrained_backbone_state(arch, dataset, pre, device, progress)
+                log(line)
+            model.backbone.load_state_dict(states[arch])
+        return model
+
+    return make
