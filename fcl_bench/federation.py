@@ -122,11 +122,12 @@ def scenario_info(ws: Workspace, rounds_per_task: int) -> ScenarioInfo:
 
 
 def env_fields(ws: Workspace, run: RunConfig, fm: Any, amp: torch.dtype | None,
-               log: Callable[[str], None]) -> dict:
-    """The fields every environment of a run shares (:class:`~fcl_bench.api.MethodEnv`'s)."""
+               log: Callable[[str], None], uses_foundation: bool = True) -> dict:
+    """The fields every environment of a run shares (:class:`~fcl_bench.api.MethodEnv`'s); ``epochs`` is
+    :meth:`RunConfig.local_epochs` of a method with ``uses_foundation``."""
     return dict(scenario=scenario_info(ws, run.rounds_per_task), device=ws.device, amp_dtype=amp,
                 foundation=fm, small_archs=list(run.small_models), small_width=run.small_width,
-                seed=run.seed, batch_size=run.batch_size, epochs=run.epochs,
+                seed=run.seed, batch_size=run.batch_size, epochs=run.local_epochs(uses_foundation),
                 eval_batch_size=run.eval_batch_size, participation=run.participation, log=log,
                 preprocess=ws.preprocess, image_size=ws.dataset.native_size, _make_small=build_small_model)
 
@@ -192,7 +193,7 @@ class Federation:
         np.random.seed(run.seed % 2**32)
         self.t_start = time.perf_counter()
         self.amp = torch.bfloat16 if (run.amp and ws.device.type == "cuda") else None
-        common = env_fields(ws, run, fm, self.amp, log)
+        common = env_fields(ws, run, fm, self.amp, log, method_cls.uses_foundation)
         self.common = common
         self.method_env = MethodEnv(**common)
         self.method = method_cls(method_cfg, self.method_env)
