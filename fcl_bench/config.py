@@ -164,9 +164,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_HELP = {
     "smoke": "seconds: 2 clients, 2 tasks x 2 classes, tiny data, 2 server-held samples per public class (tests)",
     "quick": "minutes on CPU: 3 clients, 3 tasks x 4 classes, synthetic data, tiny pretrained ViT, 8 server-held samples per "
-             "public class (default)",
+             "public class, 10 local epochs for the CNN-only methods (default)",
     "standard": "the paper's protocol shape offline: 5 clients, 15 private + 25 public, 5 tasks x 8, 5 rounds per "
-                "task, synthetic data, tiny pretrained ViT; seeds 42, 1999, 2024 by default",
+                "task, synthetic data (20 train / 16 test per class), tiny pretrained ViT, 3 local epochs for the "
+                "CNN-only methods; seeds 42, 1999, 2024 by default",
     "paper-cifar100": "paper protocol on CIFAR-100: 5 clients, 15 private + 25 public, 5 tasks x 8, ViT-B/16, "
                       "20 server-held samples per public class",
     "paper-imagenet-r": "paper protocol on ImageNet-R: 5 clients, 40 private, 0 public, 5 tasks x 8, ViT-B/16",
