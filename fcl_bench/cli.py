@@ -42,10 +42,11 @@ def _os_error(e: OSError) -> str:
     return f"{shown}: {e.strerror or e}; check the path"
 
 
-def _parse_seeds(text: str | None, default: int) -> list[int]:
-    """``--seeds 42,1999`` -> [42, 1999]; empty items, non-integers, negatives and huge values are errors."""
+def _parse_seeds(text: str | None, default: list[int]) -> list[int]:
+    """``--seeds 42,1999`` -> [42, 1999] (``default`` when None); empty items, non-integers, negatives and huge
+    values are errors."""
     if text is None:
-        return [default]
+        return list(default)
     items = [s.strip() for s in text.split(",")]
     if not any(items):
         raise C.ConfigError(f"--seeds {text!r} names no seed; give comma-separated integers, e.g. --seeds 42,1999")
@@ -119,7 +120,8 @@ def common(f):
 @main.command()
 @click.option("--methods", default="all", show_default=True, help="comma-separated method names, or 'all'")
 @common
-@click.option("--seeds", default=None, help="comma-separated seeds (default: the preset's seed)")
+@click.option("--seeds", default=None, help="comma-separated seeds (default: the preset's seeds; standard: 42,1999,2024, "
+                                         "others: their seed)")
 @click.option("--out", default="results", show_default=True, type=click_path(file_okay=False))
 @click.option("--suite", "suite", default=None,
               help="run a suite (a name from `fcl-bench list suites` or a JSON file) instead of --methods")
@@ -176,7 +178,8 @@ def run(methods, preset, dataset, data_root, download, foundation, foundation_we
                 raise C.ConfigError(f"override for '{m}', which is not among the methods run ({', '.join(names)})")
         base = _build_run_config(preset, run_over, dataset=dataset, data_root=data_root, download=download,
                                  foundation=foundation, foundation_weights=foundation_weights, device=device)
-        seed_list = _parse_seeds(seeds, base.seed)
+        # an explicit -o seed= wins over the preset's default seeds
+        seed_list = _parse_seeds(seeds, [base.seed] if "seed" in run_over else C.preset_seeds(preset))
         if suite is not None:
             from fcl_bench.suites import load_suite
 

@@ -32,6 +32,9 @@ class RunConfig:
     Protocol (paper section 3/5.1): ``clients`` k, ``private`` classes per client, ``public`` classes
     shared by all (instances split by Dirichlet(``alpha``)), ``tasks`` x ``classes_per_task``,
     ``rounds_per_task`` communication rounds per task, ``epochs`` local epochs per round.
+    ``cnn_only_epochs``: local epochs per round of the CNN-only methods (``uses_foundation = False``: FedAvg,
+    FedProx, GLFC, TARGET, MFCL), which train their small CNN without a foundation model; None = ``epochs``.
+    The quick preset sets it so that those CNNs get past a constant prediction (see :data:`PRESETS`).
     ``train_per_class`` / ``test_per_class`` cap the samples per class (seeded choice; None = all) so the
     offline presets stay fast. ``server_per_class`` training samples of each public class are held by the
     server, never by a client (default 0: no server-held split). ``participation``: the fraction of
@@ -63,6 +66,7 @@ class RunConfig:
     participation: float = 1.0
     rounds_per_task: int = 5
     epochs: int = 1
+    cnn_only_epochs: int | None = None
     batch_size: int = 64
     eval_batch_size: int = _shared(256)
     train_per_class: int | None = _shared(None)
@@ -79,6 +83,11 @@ class RunConfig:
         dataset never gets two results trees."""
         name = self.dataset.strip().lower() if isinstance(self.dataset, str) else self.dataset
         return self if name == self.dataset else dataclasses.replace(self, dataset=name)
+
+    def local_epochs(self, uses_foundation: bool) -> int:
+        """Local epochs per round of a method: ``epochs``, or ``cnn_only_epochs`` (when set) for a method
+        with ``uses_foundation = False``."""
+        return self.epochs if uses_foundation or self.cnn_only_epochs is None else self.cnn_only_epochs
 
     def workspace(self) -> WorkspaceConfig:
         """The data/protocol sub-config: runs with equal ones share a workspace."""
@@ -105,7 +114,7 @@ class RunConfig:
         for name in ("rounds_per_task", "epochs", "batch_size", "eval_batch_size", "small_width"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_per_class", "test_per_class"):
+        for name in ("train_per_class", "test_per_class", "cnn_only_epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or none (all samples), got {getattr(self, name)}")
         if not self.small_models:
@@ -143,6 +152,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                   clients=3, private=4, public=8, tasks=3, classes_per_task=4, rounds_per_task=2, epochs=1,
                   batch_size=32, train_per_class=80, test_per_class=40, alpha=0.5, server_per_class=8,
                   small_pretrained=True),
+    # the paper's protocol shape (section 5.1) offline. Sizing (one seed, --threads 1, CPU seconds of one
+    # `fcl-bench run` each on a 2-core x86-64 box, client CNNs from random init, cnn_only_epochs 3): fedavg 70 /
+    # fedvit 18 / l2p 193 / fedlscl 233 at 40 train images per class; fedlscl 197 and fedavg 103 at 20. Fed-LSCL
+    # barely shrinks with the data: its Stage 2 runs over the buffer (20 per class, the paper's M), not the
+    # task's data. Client CNNs start pretrained (from random init with 1 local epoch, FedAvg predicted one class
+    # on 3 of 5 clients after the first task).
+    "standard": dict(dataset="synthetic", foundation="tiny", small_models=["mobilenetv3_small_050"], small_width=128,
+                     clients=5, private=15, public=25, tasks=5, classes_per_task=8, rounds_per_task=5, epochs=1,
+                     batch_size=32, train_per_class=20, test_per_class=16, alpha=0.5, server_per_class=2,
+                     small_pretrained=True),
     # the paper's protocol (section 5.1): ViT-B/16 at 224, resnet18 clients, Adam lr 1e-3
     "paper-cifar100": dict(dataset="cifar100", foundation="vit_base_patch16_224.augreg_in21k_ft_in1k",
                            small_models=["resnet18"], small_width=512, clients=5, private=15, public=25,
@@ -158,11 +177,23 @@ PRESET_HELP = {
              "CNNs from random init (tests)",
     "quick": "minutes on CPU: 3 clients, 3 tasks x 4 classes, synthetic data, tiny pretrained ViT, 8 server-held samples per "
              "public class, client CNNs pretrained on the synthetic pretraining classes (default)",
+    "standard": "the paper's protocol shape offline: 5 clients, 15 private + 25 public, 5 tasks x 8, 5 rounds per "
+                "task, synthetic data (20 train / 16 test per class), tiny pretrained ViT, client CNNs pretrained "
+                "on the synthetic pretraining classes; seeds 42, 1999, 2024 by default",
     "paper-cifar100": "paper protocol on CIFAR-100: 5 clients, 15 private + 25 public, 5 tasks x 8, ViT-B/16, "
                       "20 server-held samples per public class, resnet18 clients from random init",
     "paper-imagenet-r": "paper protocol on ImageNet-R: 5 clients, 40 private, 0 public, 5 tasks x 8, ViT-B/16, "
                         "resnet18 clients from random init",
 }
+
+#: Seeds a preset runs by default (``fcl-bench run`` without ``--seeds`` or ``-o seed=``); a preset not listed
+#: runs its one ``seed``.
+PRESET_SEEDS: dict[str, tuple[int, ...]] = {"standard": (42, 1999, 2024)}
+
+
+def preset_seeds(name: str) -> list[int]:
+    """The seeds preset ``name`` runs when none are given: :data:`PRESET_SEEDS`, else its ``seed``."""
+    return list(PRESET_SEEDS.get(name, (preset(name).seed,)))
 
 
 def offline_pretrained_archs() -> list[str]:

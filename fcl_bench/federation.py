@@ -123,14 +123,15 @@ def scenario_info(ws: Workspace, rounds_per_task: int) -> ScenarioInfo:
 
 
 def env_fields(ws: Workspace, run: RunConfig, fm: Any, amp: torch.dtype | None,
-               log: Callable[[str], None], progress: bool = True) -> dict:
+               log: Callable[[str], None], progress: bool = True, uses_foundation: bool = True) -> dict:
     """The fields every environment of a run shares (:class:`~fcl_bench.api.MethodEnv`'s); small models
-    come from :func:`~fcl_bench.nn.small.small_model_factory` (``run.small_pretrained``)."""
+    come from :func:`~fcl_bench.nn.small.small_model_factory` (``run.small_pretrained``); ``epochs`` is
+    :meth:`RunConfig.local_epochs` of a method with ``uses_foundation``."""
     make_small = small_model_factory(run.small_pretrained, ws.full_dataset or ws.dataset, ws.preprocess,
                                      ws.device, log=log, progress=progress)
     return dict(scenario=scenario_info(ws, run.rounds_per_task), device=ws.device, amp_dtype=amp,
                 foundation=fm, small_archs=list(run.small_models), small_width=run.small_width,
-                seed=run.seed, batch_size=run.batch_size, epochs=run.epochs,
+                seed=run.seed, batch_size=run.batch_size, epochs=run.local_epochs(uses_foundation),
                 eval_batch_size=run.eval_batch_size, participation=run.participation, log=log,
                 preprocess=ws.preprocess, image_size=ws.dataset.native_size, _make_small=make_small)
 
@@ -235,7 +236,7 @@ class Federation:
         self.t_start = time.perf_counter()
         self.clock = PhaseClock(aside=(lambda: ws.features.fill_seconds) if ws.features is not None else None)
         self.amp = torch.bfloat16 if (run.amp and ws.device.type == "cuda") else None
-        common = env_fields(ws, run, fm, self.amp, log, progress)
+        common = env_fields(ws, run, fm, self.amp, log, progress, method_cls.uses_foundation)
         self.common = common
         self.method_env = MethodEnv(**common)
         self.method = method_cls(method_cfg, self.method_env)

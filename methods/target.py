@@ -86,7 +86,7 @@ from fcl_bench.state import State
 
 #: Named synthesis constants: cheap offline ones and the official CIFAR-100 config.
 TARGET_CONSTANTS: dict[str, dict[str, Any]] = {
-    "offline": dict(syn_rounds=3, syn_iterations=10, syn_batch=32),
+    "offline": dict(syn_rounds=2, syn_iterations=40, syn_batch=32),
     "official": dict(syn_rounds=10, syn_iterations=10, syn_batch=256),
 }
 

@@ -84,7 +84,8 @@ class Session:
         self.uploads = tuple(cls.uploads)
         amp = torch.bfloat16 if (run.amp and ws.device.type == "cuda") else None
         self.amp = amp is not None
-        common = env_fields(ws, run, ws.foundation if cls.uses_foundation else None, amp, _log)
+        common = env_fields(ws, run, ws.foundation if cls.uses_foundation else None, amp, _log,
+                            uses_foundation=cls.uses_foundation)
         self.streams = RngStreams(run.seed)
         outer = S.rng_state()
         try:  # the method as Federation builds it: after seeding the run's seed

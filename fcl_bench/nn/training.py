@@ -18,21 +18,39 @@ import torch
 from torch import nn
 
 from fcl_bench.api import Client, ClientEnv, Task
-from fcl_bench.checks import check_finite
+from fcl_bench.checks import NonFiniteError, check_finite
 from fcl_bench.data import Batch, ClientData
 from fcl_bench.nn.distill import batchnorm_eval
 from fcl_bench.state import State
 
 
+def check_finite_gradients(opt: torch.optim.Optimizer, what: str) -> None:
+    """Raise :class:`~fcl_bench.checks.NonFiniteError` naming ``what`` if a gradient of a parameter of ``opt``
+    holds NaN or inf: a finite loss can still back-propagate an overflow, and one step with such a gradient
+    turns the weights NaN, which would show only later, as NaN predictions."""
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return
+    finite = torch.stack([torch.isfinite(g).all() for g in grads])
+    if not finite.all():
+        bad = [tuple(g.shape) for g, ok in zip(grads, finite.tolist()) if not ok]
+        raise NonFiniteError(f"{what}: the loss is finite but the gradients of {len(bad)} of {len(grads)} "
+                             f"parameter tensors are not (NaN or inf; shapes {', '.join(map(str, bad[:3]))}"
+                             f"{', ...' if len(bad) > 3 else ''}); the step would make the weights NaN. "
+                             "Lower the method's lr or clip its gradients")
+
+
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, what: str,
                    before_step: Callable[[], None] | None = None) -> None:
     """Check ``loss`` is finite (else the run fails with ``what`` named), backward, optional hook between
-    backward and step (gradient clipping, FedProx's proximal gradient), step."""
+    backward and step (gradient clipping, FedProx's proximal gradient), check the gradients are finite
+    (:func:`check_finite_gradients`), step."""
     check_finite(loss.detach(), what)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if before_step is not None:
         before_step()
+    check_finite_gradients(opt, what)
     opt.step()
 
 
