@@ -357,6 +357,7 @@ class Federation:
                                         flops=0, flops_measured=True))
         self._server_row(t, self.R, "end", m, sum(msg.nbytes for msg in msgs.values()))
         self._end_clients(t, msgs)
+        self.acct.forget_task(t)
         acc = accuracy_after(self.correct["client"], self.total, t)
         self.log(f"[{self.name}] task {t + 1}/{self.T}: acc (client space) = {acc:.4f}")
         self.next_task = t + 1
@@ -453,6 +454,7 @@ class Federation:
             "client_flops": None if flops_col.isna().any() else float(flops_col.sum()),
             "server_flops": None if server_flops.isna().any() else float(server_flops.sum()),
             "flops_mode": self.flops_mode,
+            "flops_inexact_steps": self.acct.inexact,
             "client_train_seconds": float(rounds.train_seconds.sum()),
             "server_seconds": float(server.server_seconds.sum()),
             "server_peak_memory_bytes": int(server.server_peak_memory_bytes.max()),
