@@ -9,17 +9,18 @@ code down by a third or more; three modes:
 * ``"all"``: every op of every client round and server step is counted.
 * ``"sampled"`` (the default): each measured call is cut into *steps* at every optimiser step
   (``torch.optim`` step hooks) and at the call's start and end. A step is described by its *signature*,
-  the sequence of module calls it makes (which module, the shapes and ``requires_grad`` of its own
-  parameters, train/eval mode, grad mode, and the shape, dtype and ``requires_grad`` of every tensor
-  argument). The FLOPs of a step whose signature was already
-  counted for the same party and task are taken from that count; a step whose signature is new is
+  the sequence of outermost module calls it makes (module calls made outside any other module's
+  forward: which module, the shapes and ``requires_grad`` of all its parameters, train/eval mode, grad
+  mode, and the shape, dtype and ``requires_grad`` of every tensor argument). The FLOPs of a step whose signature was already
+  counted for the same party (a client, or one kind of server step) are taken from that count; a step whose signature is new is
   counted: the counter is switched on where its signature departs from every known one (at its first
   module call for a new batch size, a new phase or a new model), and what ran before that point is
   credited from the known step it matched so far. Ops before a step's first module call are always
   counted, so work done without modules (a closed-form solve, a Gram matrix) is never reused.
   The result equals ``"all"`` whenever a step's FLOPs are a function of its signature, i.e. when every
-  shape that sets a matrix product's size reaches some module call of the step as an input shape, and
-  the ops between two module calls do not depend on which module is called next.
+  shape that sets a matrix product's size reaches some outermost module call of the step as an input or
+  parameter shape, a module's forward takes no data-dependent branch that changes its FLOPs, and the
+  ops between two module calls do not depend on which module is called next.
   Where a step cannot be credited exactly (it ends where the known steps went on, or departs right after
   a point where the known steps ended) its FLOPs are estimated from the nearest known step and the
   measurement says so (``flops_exact = False``; :attr:`Accountant.inexact` counts them).
@@ -38,13 +39,18 @@ import contextlib
 import resource
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.optim.optimizer as _optim
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack, _len_torch_dispatch_stack
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
+    _len_torch_dispatch_stack,
+)
 from torch.utils.flop_counter import flop_registry
 
 __all__ = ["Accountant", "FlopCounter", "Measurement", "timer"]
@@ -122,7 +128,7 @@ def _tensor_sig(a) -> tuple | None:
 
 class _Sampler:
     """One sampled measurement: cuts the call into steps and walks each step's signature through the
-    known steps of its (party, task) (see the module docstring)."""
+    known steps of its party (see the module docstring)."""
 
     def __init__(self, root: _Node) -> None:
         self.root = root
@@ -213,7 +219,7 @@ class _Sampler:
 
 
 class Accountant:
-    """Measures client rounds and server steps; keeps, per (party, task), the signatures and FLOPs of the
+    """Measures client rounds and server steps; keeps, per party, the signatures and FLOPs of the
     steps counted so far (sampled mode).
 
     ``party`` is a client id or a server step name (``"server:round"`` ...). ``inexact`` counts the
@@ -225,18 +231,24 @@ class Accountant:
             raise ValueError(f"flops mode must be sampled, all or off; got '{mode}'")
         self.device = device
         self.mode = mode
-        self._roots: dict[tuple[int | str, int], _Node] = {}
+        self._roots: dict[int | str, _Node] = {}
         self._flops: dict[tuple[int | str, int], int] = {}  # last measured FLOPs per (party, task)
+        self._serial: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self.inexact = 0
+        self._serials = 0
 
-    def forget_task(self, task: int) -> None:
-        """Drop the known steps of ``task`` (they are never reused once the task has ended)."""
-        for k in [k for k in self._roots if k[1] == task]:
-            del self._roots[k]
+    def _module_key(self, module: nn.Module) -> int:
+        """A number per module object, never reused (unlike ``id``) while this accountant lives."""
+        k = self._serial.get(module)
+        if k is None:
+            k = self._serial[module] = self._serials
+            self._serials += 1
+        return k
 
     @contextlib.contextmanager
     def _sampled(self, party: int | str, task: int) -> Iterator[_Sampler]:
-        sampler = _Sampler(self._roots.setdefault((party, task), _Node(0)))
+        sampler = _Sampler(self._roots.setdefault(party, _Node(0)))
+        serial = self._module_key
         counter = sampler.counter
 
         def ours() -> bool:
@@ -247,12 +259,17 @@ class Accountant:
                 return n == 1 and _get_current_dispatch_mode_stack()[0] is counter
             return n == 0
 
+        depth = [0]
+
         def pre_hook(module: nn.Module, args: tuple) -> None:
-            if ours():
-                params = tuple((tuple(p.shape), p.requires_grad) for p in module._parameters.values()
-                               if p is not None)
-                sampler.event((id(module), params, module.training, torch.is_grad_enabled(),
+            depth[0] += 1
+            if depth[0] == 1 and ours():  # an outermost module call: its submodules' calls follow from it
+                params = tuple((tuple(p.shape), p.requires_grad) for p in module.parameters())
+                sampler.event((serial(module), params, module.training, torch.is_grad_enabled(),
                                tuple(_tensor_sig(a) for a in args)))
+
+        def post_hook(module: nn.Module, args: tuple, out) -> None:
+            depth[0] -= 1
 
         def step_hook(opt, args, kwargs) -> None:
             if ours():
@@ -260,11 +277,13 @@ class Accountant:
 
         h1 = nn.modules.module.register_module_forward_pre_hook(pre_hook)
         h2 = _optim.register_optimizer_step_post_hook(step_hook)
+        h3 = nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
         try:
             yield sampler
         finally:
             h1.remove()
             h2.remove()
+            h3.remove()
             sampler.finish()
 
     @contextlib.contextmanager

@@ -357,7 +357,6 @@ class Federation:
                                         flops=0, flops_measured=True))
         self._server_row(t, self.R, "end", m, sum(msg.nbytes for msg in msgs.values()))
         self._end_clients(t, msgs)
-        self.acct.forget_task(t)
         acc = accuracy_after(self.correct["client"], self.total, t)
         self.log(f"[{self.name}] task {t + 1}/{self.T}: acc (client space) = {acc:.4f}")
         self.next_task = t + 1

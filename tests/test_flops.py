@@ -76,8 +76,12 @@ def test_sampled_equals_all_and_reuses_repeated_steps():
     assert first == (ref, False)   # the 2nd and 3rd step reused the 1st one's count
     assert again == (ref, False)   # every step reused
     assert sampled.inexact == 0
-    # another task starts afresh: its first call counts its first steps again
+    # a new batch size, or a grown layer (its parameter shapes are part of the signature), is counted
     assert _loop(sampled, 0, 1, [5], model, opt)[0] == _loop(full, 0, 1, [5], model, opt)[0]
+    model[2] = nn.Linear(9, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert _loop(sampled, 0, 1, sizes, model, opt) == (_loop(full, 0, 1, sizes, model, opt)[0], False)
+    assert sampled.inexact == 0
 
 
 class _Hidden(nn.Module):
