@@ -134,6 +134,7 @@ class _Sampler:
         self.root = root
         self.counter = FlopCounter()
         self.on = False            # the counter is on the dispatch stack
+        self.paused = False        # taken off for an optimiser's update (no FLOPs), still counting the step
         self.total = 0             # FLOPs of finished steps (and the preambles)
         self.reused = False
         self.exact = True
@@ -160,7 +161,19 @@ class _Sampler:
         self.mark = self.counter.total
         self._push()
 
+    def pause(self) -> None:
+        """An optimiser update without a closure: elementwise ops only, never FLOPs; not worth counting."""
+        if self.on:
+            self._pop()
+            self.paused = True
+
     def _end_step(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.on = True  # what the step's logic below sees; the counter itself is pushed again next
+            self._end_step()
+            self.on = False
+            return
         if self.node is None:  # no module call: all of it was counted
             self.total += self._counted()
         elif self.on:          # recording a new signature
@@ -271,19 +284,25 @@ class Accountant:
         def post_hook(module: nn.Module, args: tuple, out) -> None:
             depth[0] -= 1
 
+        def step_pre_hook(opt, args, kwargs) -> None:
+            if ours() and not args and kwargs.get("closure") is None:
+                sampler.pause()
+
         def step_hook(opt, args, kwargs) -> None:
-            if ours():
+            if sampler.paused or ours():
                 sampler.boundary()
 
         h1 = nn.modules.module.register_module_forward_pre_hook(pre_hook)
         h2 = _optim.register_optimizer_step_post_hook(step_hook)
         h3 = nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
+        h4 = _optim.register_optimizer_step_pre_hook(step_pre_hook)
         try:
             yield sampler
         finally:
             h1.remove()
             h2.remove()
             h3.remove()
+            h4.remove()
             sampler.finish()
 
     @contextlib.contextmanager
