@@ -1,10 +1,35 @@
-"""Compute accounting: wall time, FLOPs (``torch.utils.flop_counter``), peak memory.
+"""Compute accounting: wall time, FLOPs, peak memory.
 
-FLOPs are counted with :class:`torch.utils.flop_counter.FlopCounterMode`, which slows the counted code
-down; with ``mode="sampled"`` (the default) only the first measured call of each task of each party (a
-client's first round it takes part in, the server's first aggregation) is counted and its later calls in
-the task reuse that count (rows say ``flops_measured``). ``mode="all"`` counts every
-round, ``"off"`` none. Peak memory is the CUDA allocator's peak on GPU, else the process's peak RSS
+FLOPs are counted by :class:`FlopCounter`, a dispatch mode that applies the formulas of
+``torch.utils.flop_counter`` (matrix products, convolutions, attention; forward and backward; an
+elementwise op counts 0) exactly as :class:`torch.utils.flop_counter.FlopCounterMode` does, without its
+per-module bookkeeping. A counted op pays a Python round trip, so counting every op slows the counted
+code down by a third or more; three modes:
+
+* ``"all"``: every op of every client round and server step is counted.
+* ``"sampled"`` (the default): each measured call is cut into *steps* at every optimiser step
+  (``torch.optim`` step hooks) and at the call's start and end. A step is described by its *signature*,
+  the sequence of outermost module calls it makes (module calls made outside any other module's
+  forward: which module, the shapes and ``requires_grad`` of all its parameters, train/eval mode, grad
+  mode, and the shape, dtype and ``requires_grad`` of every tensor argument). The FLOPs of a step whose signature was already
+  counted for the same party (a client, or one kind of server step) are taken from that count; a step whose signature is new is
+  counted: the counter is switched on where its signature departs from every known one (at its first
+  module call for a new batch size, a new phase or a new model), and what ran before that point is
+  credited from the known step it matched so far. Ops before a step's first module call are always
+  counted, so work done without modules (a closed-form solve, a Gram matrix) is never reused.
+  The result equals ``"all"`` whenever a step's FLOPs are a function of its signature, i.e. when every
+  shape that sets a matrix product's size reaches some outermost module call of the step as an input or
+  parameter shape, a module's forward takes no data-dependent branch that changes its FLOPs, and the
+  ops between two module calls do not depend on which module is called next.
+  Where a step cannot be credited exactly (it ends where the known steps went on, or departs right after
+  a point where the known steps ended) its FLOPs are estimated from the nearest known step and the
+  measurement says so (``flops_exact = False``; :attr:`Accountant.inexact` counts them).
+  ``tests/test_flops.py`` checks sampled against all on the smoke preset.
+* ``"off"``: nothing is counted (rows carry ``flops = None``).
+
+``flops_measured`` of a measurement is True when all its FLOPs were counted during that very call (mode
+``"all"``, or a sampled call none of whose steps reused an earlier count), False when some were taken from
+identical earlier steps. Peak memory is the CUDA allocator's peak on GPU, else the process's peak RSS
 (``ru_maxrss``: a process-wide high-water mark, not per client).
 """
 
@@ -14,11 +39,56 @@ import contextlib
 import resource
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+import torch.optim.optimizer as _optim
+from torch import nn
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    _get_current_dispatch_mode_stack,
+    _len_torch_dispatch_stack,
+)
+from torch.utils.flop_counter import flop_registry
+
+__all__ = ["Accountant", "FlopCounter", "Measurement", "timer"]
+
+_aten = torch.ops.aten
+#: Metadata queries FlopCounterMode leaves to the default handling (they never carry FLOPs).
+_PASS = {_aten.sym_is_contiguous.default, _aten.is_contiguous.default, _aten.is_contiguous.memory_format,
+         _aten.is_strides_like_format.default, _aten.is_non_overlapping_and_dense.default, _aten.size.default,
+         _aten.sym_size.default, _aten.stride.default, _aten.sym_stride.default, _aten.storage_offset.default,
+         _aten.sym_storage_offset.default, _aten.numel.default, _aten.sym_numel.default, _aten.dim.default,
+         torch.ops.prim.layout.default}
+
+
+class FlopCounter(TorchDispatchMode):
+    """Counts FLOPs of the ops run while it is active (``total``), with ``torch.utils.flop_counter``'s
+    formulas and the same handling of ops without a formula (decomposed, then counted) as
+    ``FlopCounterMode``, so totals equal ``FlopCounterMode.get_total_flops()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _PASS:
+            return NotImplemented
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return NotImplemented
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is None and func is not torch.ops.prim.device.default:
+            with self:
+                r = func.decompose(*args, **kwargs)
+            if r is not NotImplemented:
+                return r
+        out = func(*args, **kwargs)
+        if formula is not None:
+            self.total += int(formula(*args, **kwargs, out_val=out))
+        return out
 
 
 @dataclass
@@ -26,6 +96,7 @@ class Measurement:
     seconds: float = 0.0
     flops: int | None = None
     flops_measured: bool = False
+    flops_exact: bool = True
     peak_memory_bytes: int = 0
     memory_kind: str = "process_rss"
 
@@ -35,10 +106,137 @@ def _rss_peak_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-class Accountant:
-    """Measures client rounds and server steps; keeps the measured FLOPs per (party, task) for sampled mode.
+class _Node:
+    """A point in the signatures of the steps seen so far: ``flops`` counted from the step's first module
+    call up to this one; ``end``: the step's FLOPs when a step ended here; ``children`` by next call."""
 
-    ``party`` is a client id or a server step name (``"server:round"`` ...).
+    __slots__ = ("children", "end", "flops")
+
+    def __init__(self, flops: int) -> None:
+        self.flops = flops
+        self.children: dict[tuple, _Node] = {}
+        self.end: int | None = None
+
+
+def _tensor_sig(a) -> tuple | None:
+    if isinstance(a, torch.Tensor):
+        return (tuple(a.shape), a.dtype, a.requires_grad)
+    if isinstance(a, (tuple, list)):
+        return tuple(_tensor_sig(b) for b in a)
+    return None
+
+
+class _Sampler:
+    """One sampled measurement: cuts the call into steps and walks each step's signature through the
+    known steps of its party (see the module docstring)."""
+
+    def __init__(self, root: _Node) -> None:
+        self.root = root
+        self.counter = FlopCounter()
+        self.on = False            # the counter is on the dispatch stack
+        self.paused = False        # taken off for an optimiser's update (no FLOPs), still counting the step
+        self.total = 0             # FLOPs of finished steps (and the preambles)
+        self.reused = False
+        self.exact = True
+        self._start_step()
+
+    # -- switching the counter ----------------------------------------------------------------------
+    def _push(self) -> None:
+        if not self.on:
+            self.counter.__enter__()
+            self.on = True
+
+    def _pop(self) -> None:
+        if self.on:
+            self.counter.__exit__(None, None, None)
+            self.on = False
+
+    def _counted(self) -> int:
+        return self.counter.total - self.mark
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def _start_step(self) -> None:
+        self.node: _Node | None = None  # None: before the step's first module call (the preamble, counted)
+        self.offset = 0                 # FLOPs credited for the part of the step run with the counter off
+        self.mark = self.counter.total
+        self._push()
+
+    def pause(self) -> None:
+        """An optimiser update without a closure: elementwise ops only, never FLOPs; not worth counting."""
+        if self.on:
+            self._pop()
+            self.paused = True
+
+    def _end_step(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.on = True  # what the step's logic below sees; the counter itself is pushed again next
+            self._end_step()
+            self.on = False
+            return
+        if self.node is None:  # no module call: all of it was counted
+            self.total += self._counted()
+        elif self.on:          # recording a new signature
+            flops = self.offset + self._counted()
+            self.node.end = flops
+            self.total += self.preamble + flops
+        elif self.node.end is not None:
+            self.total += self.preamble + self.node.end
+            self.reused = True
+        else:                  # ended where every known step went on: estimate from the nearest child
+            self.exact = False
+            self.reused = True
+            self.total += self.preamble + min(c.flops for c in self.node.children.values())
+
+    def boundary(self) -> None:
+        """An optimiser step finished: the current step ends, the next begins."""
+        self._end_step()
+        self._start_step()
+
+    def finish(self) -> None:
+        self._end_step()
+        self._pop()
+
+    def event(self, key: tuple) -> None:
+        if self.node is None:  # the preamble ends at the step's first module call
+            self.preamble = self._counted()
+            self.node = self.root
+            self.offset = 0
+            self.mark = self.counter.total
+            if key in self.root.children:
+                self._pop()
+        node = self.node
+        if self.on:
+            rel = self.offset + self._counted()
+            child = node.children.get(key)
+            if child is None:
+                child = node.children[key] = _Node(rel)
+            self.node = child
+            return
+        child = node.children.get(key)
+        if child is not None:
+            self.node = child
+            return
+        # departs from every known step: credit what ran since the last call, count from here
+        if node.children:
+            rel = next(iter(node.children.values())).flops
+        else:
+            rel = node.flops if node.end is None else node.end
+            if node is not self.root:
+                self.exact = False
+        self.reused = True
+        self.node = node.children[key] = _Node(rel)
+        self.offset = rel
+        self._push()
+        self.mark = self.counter.total
+
+
+class Accountant:
+    """Measures client rounds and server steps; keeps, per party, the signatures and FLOPs of the
+    steps counted so far (sampled mode).
+
+    ``party`` is a client id or a server step name (``"server:round"`` ...). ``inexact`` counts the
+    sampled steps whose FLOPs had to be estimated (see the module docstring).
     """
 
     def __init__(self, device: torch.device, mode: str = "sampled"):
@@ -46,18 +244,81 @@ class Accountant:
             raise ValueError(f"flops mode must be sampled, all or off; got '{mode}'")
         self.device = device
         self.mode = mode
-        self._flops: dict[tuple[int | str, int], int] = {}
+        self._roots: dict[int | str, _Node] = {}
+        self._flops: dict[tuple[int | str, int], int] = {}  # last measured FLOPs per (party, task)
+        self._serial: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
+        self.inexact = 0
+        self._serials = 0
+
+    def _module_key(self, module: nn.Module) -> int:
+        """A number per module object, never reused (unlike ``id``) while this accountant lives."""
+        k = self._serial.get(module)
+        if k is None:
+            k = self._serial[module] = self._serials
+            self._serials += 1
+        return k
+
+    @contextlib.contextmanager
+    def _sampled(self, party: int | str, task: int) -> Iterator[_Sampler]:
+        sampler = _Sampler(self._roots.setdefault(party, _Node(0)))
+        serial = self._module_key
+        counter = sampler.counter
+
+        def ours() -> bool:
+            # a call made while someone else's dispatch mode is in charge (the feature cache's fill, which
+            # hides itself from any counter) is not part of the step
+            n = _len_torch_dispatch_stack()
+            if sampler.on:
+                return n == 1 and _get_current_dispatch_mode_stack()[0] is counter
+            return n == 0
+
+        depth = [0]
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            depth[0] += 1
+            if depth[0] == 1 and ours():  # an outermost module call: its submodules' calls follow from it
+                params = tuple((tuple(p.shape), p.requires_grad) for p in module.parameters())
+                sampler.event((serial(module), params, module.training, torch.is_grad_enabled(),
+                               tuple(_tensor_sig(a) for a in args)))
+
+        def post_hook(module: nn.Module, args: tuple, out) -> None:
+            depth[0] -= 1
+
+        def step_pre_hook(opt, args, kwargs) -> None:
+            if ours() and not args and kwargs.get("closure") is None:
+                sampler.pause()
+
+        def step_hook(opt, args, kwargs) -> None:
+            if sampler.paused or ours():
+                sampler.boundary()
+
+        h1 = nn.modules.module.register_module_forward_pre_hook(pre_hook)
+        h2 = _optim.register_optimizer_step_post_hook(step_hook)
+        h3 = nn.modules.module.register_module_forward_hook(post_hook, always_call=True)
+        h4 = _optim.register_optimizer_step_pre_hook(step_pre_hook)
+        try:
+            yield sampler
+        finally:
+            h1.remove()
+            h2.remove()
+            h3.remove()
+            h4.remove()
+            sampler.finish()
 
     @contextlib.contextmanager
     def measure(self, party: int | str, task: int) -> Iterator[Measurement]:
         m = Measurement()
-        count = self.mode == "all" or (self.mode == "sampled" and (party, task) not in self._flops)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        counter = FlopCounterMode(display=False) if count else contextlib.nullcontext()
+        if self.mode == "all":
+            ctx = FlopCounter()
+        elif self.mode == "sampled":
+            ctx = self._sampled(party, task)
+        else:
+            ctx = contextlib.nullcontext()
         t0 = time.perf_counter()
-        with counter:
+        with ctx as counting:
             yield m
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -66,12 +327,13 @@ class Accountant:
         else:
             m.peak_memory_bytes = _rss_peak_bytes()
         m.seconds = time.perf_counter() - t0
-        if count:
-            m.flops = int(counter.get_total_flops())
-            m.flops_measured = True
-            self._flops[(party, task)] = m.flops
+        if self.mode == "all":
+            m.flops, m.flops_measured = counting.total, True
         elif self.mode == "sampled":
-            m.flops = self._flops.get((party, task))
+            m.flops, m.flops_measured, m.flops_exact = counting.total, not counting.reused, counting.exact
+            self.inexact += not counting.exact
+        if m.flops is not None:
+            self._flops[(party, task)] = m.flops
 
 
 @contextlib.contextmanager

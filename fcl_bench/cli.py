@@ -129,7 +129,8 @@ def common(f):
 @click.option("--plugin", "plugins", multiple=True, type=click_path(dir_okay=False),
               help="a Python file defining Method subclasses; repeatable")
 @click.option("--flops", default="sampled", show_default=True, type=click.Choice(["sampled", "all", "off"]),
-              help="FLOP counting: first round of each task per client (sampled), every round, or none")
+              help="FLOP counting: each distinct step counted once per party and reused (sampled), "
+                   "every op (all), or none")
 @click.option("--threads", type=click.IntRange(min=1, max=1024), default=None,
               help="CPU threads for torch (default: torch's choice; 1 avoids oversubscription on a busy machine)")
 @click.option("--force", is_flag=True, help="re-run runs that already completed")

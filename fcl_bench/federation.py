@@ -509,6 +509,7 @@ class Federation:
             "client_flops": None if flops_col.isna().any() else float(flops_col.sum()),
             "server_flops": None if server_flops.isna().any() else float(server_flops.sum()),
             "flops_mode": self.flops_mode,
+            "flops_inexact_steps": self.acct.inexact,
             "client_train_seconds": float(rounds.train_seconds.sum()),
             "server_seconds": float(server.server_seconds.sum()),
             "server_peak_memory_bytes": int(server.server_peak_memory_bytes.max()),

@@ -14,7 +14,8 @@ Each round (Algorithm 1):
   * Stage 2, small-model continual fine-tuning (tasks after the first): on the buffer B^{n-1} of earlier
     tasks, CE plus Eq. 4, ``mean_buffer(lambda_E ||E - E'||^2 + lambda_W ||W - W'||^2)``, with E', W' from
     frozen copies of theta and phi saved when the previous task ended (after the server's last download);
-    ``W' = phi^{n-1}(E')`` (Alg. 1 line 17).
+    ``W' = phi^{n-1}(E')`` (Alg. 1 line 17). E' and W' are fixed within a task, so they are computed once
+    per task (at its first Stage 2) and looked up per batch.
   * Buffer (4.3.2): per class, the M samples with the lowest CE under the current model; with several
     rounds per task, the current task's slots are re-selected after each round, earlier tasks' slots are
     fixed. Raw samples never leave the client.
@@ -45,6 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,6 +133,7 @@ class FedLSCLClient(Client):
         self.current_slots: ClientData | None = None
         self.task: Task | None = None
         self.opt: torch.optim.Optimizer | None = None
+        self._old_cache: tuple | None = None  # E', W' of B^{n-1} for the current task (_old_targets)
 
     # -- model -------------------------------------------------------------------------------------
     def modules(self) -> list[nn.Module]:
@@ -160,6 +163,7 @@ class FedLSCLClient(Client):
         self.head.add_classes(task.classes)
         self._begin(task)
         self.current_slots = None
+        self._old_cache = None
 
     def _begin(self, task: Task) -> None:
         self.task = task
@@ -184,6 +188,7 @@ class FedLSCLClient(Client):
                 self._step(loss)
         if self.cfg.continual_finetune and self.old is not None and self.buffers:   # Stage 2
             old_buffer = concat_views(self.buffers)
+            self._old_targets(old_buffer)
             # BatchNorm in eval mode: E is then computed exactly as E' (frozen running statistics), so
             # Eq. 4 compares like with like instead of batch statistics of a small buffer batch
             batchnorm_eval(self.theta)
@@ -195,18 +200,47 @@ class FedLSCLClient(Client):
         self._select_current_slots()
         return self._upload()
 
-    def continual_loss(self, batch: Batch) -> torch.Tensor:
-        """CE on buffer samples + Eq. 4 against the frozen previous theta and phi."""
-        logits, E, W = self.forward(batch)
+    @torch.no_grad()
+    def _old_targets(self, buffer: ClientData) -> None:
+        """E' and W' of every sample of ``buffer`` (B^{n-1}), from the frozen theta^{n-1} and phi^{n-1}.
+
+        Both are fixed for the whole task (frozen models, fixed buffer, no augmentation), so they are
+        computed once per task, at its first Stage 2, and looked up by sample afterwards; the cache is keyed
+        on the task and the buffer's samples and dropped at every task start.
+        """
+        key = (self.task.index, buffer.indices.tobytes())
+        if self._old_cache is not None and self._old_cache[0] == key:
+            return
         old_theta, old_phi = self.old
-        with torch.no_grad():
-            E_old = old_theta(batch.x)
+        Es, Ws = [], []
+        for b in buffer.batches(self.env.eval_batch_size):
+            with self.env.autocast():
+                E_old = old_theta(b.x)
+                Es.append(E_old)
+                if old_phi is not None:
+                    A_o, B_o = old_phi(E_old)
+                    Ws.append(torch.cat([A_o.flatten(1), B_o.flatten(1)], 1))
+        order = np.argsort(buffer.indices, kind="stable")
+        self._old_cache = (key, buffer.indices[order], order, torch.cat(Es), torch.cat(Ws) if Ws else None)
+
+    def _old_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cached (E', W') rows of ``batch``'s samples."""
+        _, sorted_idx, order, E_all, W_all = self._old_cache
+        idx = batch.index.cpu().numpy()
+        at = np.searchsorted(sorted_idx, idx)
+        if not (at < len(sorted_idx)).all() or not (sorted_idx[np.minimum(at, len(sorted_idx) - 1)] == idx).all():
+            raise KeyError(f"client {self.id}: a Stage 2 batch holds samples outside the buffer B^(n-1)")
+        rows = torch.as_tensor(order[at], device=E_all.device)
+        return E_all[rows], None if W_all is None else W_all[rows]
+
+    def continual_loss(self, batch: Batch) -> torch.Tensor:
+        """CE on buffer samples + Eq. 4 against the frozen previous theta and phi (E', W' from the per-task
+        cache, :meth:`_old_targets`)."""
+        logits, E, W = self.forward(batch)
+        E_old, W_old = self._old_rows(batch)
         loss = F.cross_entropy(logits.float(), batch.y)
         reg = self.cfg.lambda_e * ((E - E_old) ** 2).sum(1)
         if W is not None:
-            with torch.no_grad():
-                A_o, B_o = old_phi(E_old)
-            W_old = torch.cat([A_o.flatten(1), B_o.flatten(1)], 1)
             reg = reg + self.cfg.lambda_w * ((W - W_old) ** 2).sum(1)
         return loss + reg.float().mean()
 
@@ -290,6 +324,7 @@ class FedLSCLClient(Client):
             old_theta = frozen_copy(self.theta)
             old_theta.load_state_dict(state["old"]["theta"])
             self.old = (old_theta, old_phi)
+        self._old_cache = None
         self.buffers = [self.env.view(ix) for ix in state["buffers"]]
         self.current_slots = None if state["current_slots"] is None else self.env.view(state["current_slots"])
         if state["task"] >= 0:

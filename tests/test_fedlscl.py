@@ -12,6 +12,7 @@ from helpers import run as run_method
 from safetensors.torch import save as st_save
 from torch import nn
 
+from fcl_bench.data import concat_views
 from fcl_bench.methods.fedlscl import FedLSCL, FedLSCLConfig
 from fcl_bench.nn.o2d import o2d_closed_form, o2d_gradient
 
@@ -135,6 +136,39 @@ def test_stage2_keeps_old_features_closer(ws):
     with_stage2 = _drift_after_two_tasks(ws, True)
     without = _drift_after_two_tasks(ws, False)
     assert with_stage2 < 0.7 * without, (with_stage2, without)
+
+
+def test_stage2_old_targets_computed_once_per_task_and_equal_recomputing(ws):
+    """E' and W' come from a per-task cache: the frozen theta^{n-1} runs one pass over B^{n-1} per task
+    (not one per round), and the cached rows equal recomputing them on each Stage 2 batch."""
+    cfg = FedLSCLConfig(aggregation="none", buffer_per_class=8)
+    c, fed = started(FedLSCL, cfg, ws, dataclasses.replace(RUN, epochs=2))
+    c.train_round(round_info())
+    c.end_task()
+    old_theta, old_phi = c.old
+    calls = []
+    old_theta.register_forward_hook(lambda m, a, o: calls.append(len(a[0])))
+    c.start_task(fed.open_task(0, 1))
+    buffer = concat_views(c.buffers)
+    for r in range(3):
+        c.train_round(round_info(task=1, rnd=r, rounds=3))
+    # one no-grad pass over the buffer in eval batches, for three rounds of two epochs each
+    assert sum(calls) == len(buffer) and len(calls) == -(-len(buffer) // c.env.eval_batch_size), calls
+    # the cached rows are the frozen models' outputs, sample by sample, in any batch order
+    for batch in buffer.batches(3, shuffle=True, generator=torch.Generator().manual_seed(0)):
+        E_c, W_c = c._old_rows(batch)
+        with torch.no_grad():
+            E = old_theta(batch.x)
+            A, B = old_phi(E)
+        torch.testing.assert_close(E_c, E, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(W_c, torch.cat([A.flatten(1), B.flatten(1)], 1), atol=1e-6, rtol=1e-5)
+    # a new task drops the cache; the next Stage 2 refills it from the new frozen models
+    c.end_task()
+    c.start_task(fed.open_task(0, 1))
+    assert c._old_cache is None
+    with pytest.raises(KeyError, match="outside the buffer"):
+        c._old_targets(buffer)
+        c._old_rows(c.task.train.batch(np.arange(len(c.task.train))))
 
 
 # -- end to end --------------------------------------------------------------------------------------
