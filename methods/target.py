@@ -86,7 +86,7 @@ from fcl_bench.state import State
 
 #: Named synthesis constants: cheap offline ones and the official CIFAR-100 config.
 TARGET_CONSTANTS: dict[str, dict[str, Any]] = {
-    "offline": dict(syn_rounds=3, syn_iterations=10, syn_batch=32),
+    "offline": dict(syn_rounds=2, syn_iterations=40, syn_batch=32),
     "official": dict(syn_rounds=10, syn_iterations=10, syn_batch=256),
 }
 
@@ -99,6 +99,7 @@ class TargetConfig:
     kd_weight: float = 25.0        # weight of the KD on the synthetic pool (0: no KD, the ablation)
     kd_temperature: float = 2.0
     syn_batch_size: int | None = None  # synthetic samples per real batch (None: the run's batch size)
+    syn_augment: bool = True       # random crop (padding 4) + flip of the pool on the client (official)
     constants: Literal["offline", "official"] = "offline"  # fills the three syn_* fields left at None
     syn_rounds: int | None = None      # synthesis rounds, one pool batch each (official 10)
     syn_iterations: int | None = None  # generator steps per round (official 10)
@@ -187,7 +188,10 @@ class TargetClient(FedAvgClient):
         images, _ = self.pool
         n = self.cfg.syn_batch_size or self.env.batch_size
         pick = torch.randint(0, len(images), (n,), generator=self.env.generator)
-        return self.normalise(D.from_uint8(images[pick]).to(self.env.device))
+        x = D.from_uint8(images[pick])
+        if self.cfg.syn_augment:  # the official loads the pool through its train transform: crop + flip
+            x = D.random_crop_flip(x, self.env.generator)
+        return self.normalise(x.to(self.env.device))
 
     def loss(self, batch: Batch) -> torch.Tensor:
         logits = self.model(batch.x)
