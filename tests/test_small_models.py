@@ -21,6 +21,23 @@ def test_fig4_arch_runs_at_32px_and_projects_to_common_width(arch):
     assert model.proj.weight.grad is not None and torch.isfinite(model.proj.weight.grad).all()
 
 
+def test_vgg_features_are_its_pooled_conv_body_without_the_classifier_mlp():
+    """VGG-16's ConvMlp pre-logits (the 4096-wide classifier layers, 102.8M parameters, unnormalised) is
+    dropped: the features are the globally pooled conv body, 512 wide."""
+    import timm
+
+    torch.manual_seed(0)
+    model = build_small_model("vgg16", 48).eval()
+    assert model.proj.in_features == 512
+    assert not any("pre_logits" in n for n, _ in model.named_parameters())
+    assert sum(p.numel() for p in model.backbone.parameters()) == 14_714_688     # VGG-16's 13 conv layers
+    x = torch.randn(2, 3, 32, 32)
+    body = model.backbone.forward_features(x).mean(dim=(2, 3))
+    assert torch.allclose(model.backbone(x), body)
+    full = timm.create_model("vgg16", num_classes=0)
+    assert full.pre_logits.fc1.weight.numel() == 512 * 4096 * 7 * 7                 # what timm would have kept
+
+
 def test_unknown_arch_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown small-model architecture 'resnet_nope'"):
         build_small_model("resnet_nope", 8)

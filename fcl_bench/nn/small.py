@@ -33,9 +33,12 @@ class SmallModelError(ValueError):
 
 
 def small_backbone(arch: str, pretrained: bool = False) -> nn.Module:
-    """The timm model ``arch`` without its classifier (``num_classes=0``): ``(B, 3, H, W) -> (B, D)``."""
+    """The timm model ``arch`` without its classifier (``num_classes=0``): ``(B, 3, H, W) -> (B, D)``.
+
+    VGG's pre-logits stage is dropped too (:func:`_without_conv_mlp`): the features are its conv body's,
+    globally pooled."""
     try:
-        return timm.create_model(arch, pretrained=pretrained, num_classes=0)
+        return _without_conv_mlp(timm.create_model(arch, pretrained=pretrained, num_classes=0))
     except RuntimeError as e:  # timm: "Unknown model (...)"
         if not timm.is_model(arch):
             raise SmallModelError(f"unknown small-model architecture '{arch}': {e}. "
@@ -50,9 +53,24 @@ def small_backbone(arch: str, pretrained: bool = False) -> nn.Module:
             "-o small_pretrained=false (random init)") from None
 
 
+def _without_conv_mlp(model: nn.Module) -> nn.Module:
+    """``model`` with a ``ConvMlp`` pre-logits stage (timm's VGG: the classifier's two 4096-wide layers as a
+    7x7 and a 1x1 conv, 102.8M of VGG-16's 134.8M parameters) replaced by the identity, so its features are
+    the globally pooled conv body's (``num_features``, 512), as VGG is used as a feature extractor
+    (torchvision's ``vgg16().features``). Kept, that stage is unnormalised and made for a 7x7 map: at 32 px it
+    sees the 1x1 map replicated to 7x7, its features grow to ~1e7 under Adam's first steps and Fed-LSCL's
+    generated LoRA (both factors linear in the features) diverges within a task."""
+    from timm.models.vgg import ConvMlp
+
+    if isinstance(getattr(model, "pre_logits", None), ConvMlp):
+        model.pre_logits = nn.Identity()
+        model.head_hidden_size = model.num_features
+    return model
+
+
 def feature_width(model: nn.Module) -> int:
-    """The width of ``model``'s features: timm models with a pre-logits stage (MobileNetV3's conv_head,
-    VGG's ConvMlp) output ``head_hidden_size`` features rather than ``num_features``."""
+    """The width of ``model``'s features: timm models with a pre-logits stage (MobileNetV3's conv_head)
+    output ``head_hidden_size`` features rather than ``num_features``."""
     return getattr(model, "head_hidden_size", None) or model.num_features
 
 
