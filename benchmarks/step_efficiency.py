@@ -7,6 +7,12 @@ size, no grad) and a frozen-ViT-plus-head training step, measured in the same pr
 absolute times on a shared machine are noise.
 
     FCL_BENCH_CACHE=/path/to/cache python benchmarks/step_efficiency.py [--methods fedlscl,l2p] [--out FILE]
+    python benchmarks/step_efficiency.py --methods fedlscl --breakdown    # where its round's time goes
+
+``--breakdown`` also splits each method's round by kind of operation (torch.profiler self CPU time and
+torch's FLOP formulas per aten op): convolutions (the client CNN), matrix products (the ViT, LoRA, heads),
+normalisation, and everything else (activations, elementwise, copies, optimiser); each kind's share of the
+time, of the FLOPs, and its FLOP/s against the frozen forward's.
 """
 
 from __future__ import annotations
@@ -73,7 +79,46 @@ def reference(ws: Workspace, batch_size: int, reps: int = 5) -> dict:
     return out
 
 
-def method_round(name: str, ws: Workspace, run, task: int = 1) -> dict:
+#: aten op name fragments -> kind of operation (first match wins; the rest is "other")
+KINDS = (("conv", ("conv", "mkldnn_convolution")), ("matmul", ("mm", "matmul", "linear", "addmm", "bmm", "einsum",
+                                                              "baddbmm", "scaled_dot_product", "_efficient_attention")),
+         ("norm", ("batch_norm", "layer_norm", "native_batch_norm", "native_layer_norm")))
+
+
+def _kind(op: str) -> str:
+    name = op.split("::")[-1]
+    for kind, parts in KINDS:
+        if any(p in name for p in parts):
+            return kind
+    return "other"
+
+
+def breakdown(fn) -> dict:
+    """Self CPU seconds and FLOPs of ``fn`` per kind of operation (see :data:`KINDS`)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    secs: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if ev.key.startswith("aten::") or "::" in ev.key:
+            k = _kind(ev.key)
+            secs[k] = secs.get(k, 0.0) + ev.self_cpu_time_total / 1e6
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    flops: dict[str, int] = {}
+    for op, n in fc.get_flop_counts().get("Global", {}).items():
+        k = _kind(str(op))
+        flops[k] = flops.get(k, 0) + int(n)
+    total_s, total_f = sum(secs.values()), sum(flops.values())
+    return {k: {"seconds": secs.get(k, 0.0), "time_share": secs.get(k, 0.0) / total_s,
+                "flops": flops.get(k, 0), "flop_share": flops.get(k, 0) / total_f if total_f else 0.0,
+                "flops_per_s": flops.get(k, 0) / secs[k] if secs.get(k) else 0.0}
+            for k in ("conv", "matmul", "norm", "other")}
+
+
+def method_round(name: str, ws: Workspace, run, task: int = 1, split: bool = False) -> dict:
     cls = get_method(name)
     fed = Federation(cls, cls.Config(), ws, run, log=lambda s: None, progress=False, flops="off")
     for t in range(task):
@@ -96,13 +141,20 @@ def method_round(name: str, ws: Workspace, run, task: int = 1) -> dict:
     s = _cpu(one)
     client.load_state_dict(copy.deepcopy(snapshot))
     f = _flops(one)
-    return {"seconds": s, "flops": f, "flops_per_s": f / s}
+    out = {"seconds": s, "flops": f, "flops_per_s": f / s}
+    if split:
+        def fresh():
+            client.load_state_dict(copy.deepcopy(snapshot))
+            one()
+        out["breakdown"] = breakdown(fresh)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--breakdown", action="store_true", help="also split each round by kind of operation")
     args = ap.parse_args()
     torch.set_num_threads(1)
     run = apply_overrides(preset("quick"), {"device": "cpu"}, "run")
@@ -111,12 +163,16 @@ def main() -> None:
     ref = reference(ws, run.batch_size)
     rows = {}
     for name in args.methods.split(","):
-        r = method_round(name, ws, run)
+        r = method_round(name, ws, run, split=args.breakdown)
         r["fraction_of_frozen_forward"] = r["flops_per_s"] / ref["frozen_forward"]["flops_per_s"]
         rows[name] = r
         print(f"{name:10s} {r['flops'] / 1e9:8.2f} GFLOP {r['seconds']:7.2f} s  "
               f"{r['flops_per_s'] / 1e9:6.2f} GFLOP/s  {r['fraction_of_frozen_forward']:.2f} of the frozen forward",
               flush=True)
+        for kind, b in r.get("breakdown", {}).items():
+            frac = b["flops_per_s"] / ref["frozen_forward"]["flops_per_s"]
+            print(f"    {kind:7s} {100 * b['time_share']:5.1f} % of the time  {100 * b['flop_share']:5.1f} % of the "
+                  f"FLOPs  {b['flops_per_s'] / 1e9:6.2f} GFLOP/s ({frac:.2f} of the frozen forward)", flush=True)
     for k, v in ref.items():
         print(f"{k:22s} {v['flops_per_s'] / 1e9:6.2f} GFLOP/s")
     if args.out:

@@ -221,11 +221,13 @@ def test_table2_not_testable_with_a_row_absent_or_one_seed():
 
 # ------------------------------------------------------------------------------------------ Fig. 5
 
-def f5(finals: dict[int, float], noise: float = 0.5, seeds=SEEDS) -> pd.DataFrame:
+def f5(finals: dict[int, float], noise: float = 0.5, seeds=SEEDS, mb_up=None) -> pd.DataFrame:
+    """Fig. 5 rows; MB up per client grows with the buffer (its features are uploaded) unless ``mb_up``."""
     rows = []
     for size, final in finals.items():
         accs = {sd: [final + k * noise] for sd, k in zip(seeds, (-1, 0, 1))}
-        rows += seeds_of("fig5", f"fedlscl-buffer{size}", accs, method_config={"buffer_per_class": size})
+        rows += seeds_of("fig5", f"fedlscl-buffer{size}", accs, method_config={"buffer_per_class": size},
+                         mb=(mb_up if mb_up is not None else 1.0 + size / 100, 1.0))
     return table(rows)
 
 
@@ -245,6 +247,16 @@ def test_fig5_not_testable():
     assert c.verdict == NOT_TESTABLE and "buffer_per_class 40" in c.reason
     assert one(C.fig5_claims(f5({20: 80.0, 40: 80.0}, seeds=(42,))), "fig5").verdict == NOT_TESTABLE
     assert C.fig5_claims(t2(ORDERED))[0].reason == "suite fig5 absent: run --suite fig5"
+
+
+def test_fig5_not_testable_when_the_buffers_of_20_and_40_held_the_same_samples():
+    """Equal bytes up on every seed: no client holds more than 20 samples of a class, so 40 buffers the same."""
+    c = one(C.fig5_claims(f5({20: 75.0, 40: 80.0}, mb_up=2.5)), "fig5")
+    assert c.verdict == NOT_TESTABLE
+    assert "held the same buffer (2.500 MB up per client" in c.reason and "train_per_class" in c.reason
+    rows = f5({20: 75.0, 40: 80.0}, mb_up=2.5)
+    rows.loc[(rows["label"] == "fedlscl-buffer40") & (rows["seed"] == SEEDS[0]), "mb_up_per_client"] = 2.6
+    assert one(C.fig5_claims(rows), "fig5").verdict == FAILS          # one seed's buffers differ: judged
 
 
 # ------------------------------------------------------------------------------------------ communication

@@ -50,7 +50,9 @@ Accuracies are in %, in the client evaluation space (the paper's local test sets
   suite's ``fedlscl``, else table2's full row, and must have the same scenario and the same settings
   apart from ``small_models``.
 * **Fig. 5** (``fig5``): 20 buffered samples per class are at most **1 point** below 40 on final accuracy
-  (suite ``fig5``, rows found by ``buffer_per_class``).
+  (suite ``fig5``, rows found by ``buffer_per_class``); not testable when the two runs uploaded the same bytes
+  on every seed (Fed-LSCL uploads its buffer's features, so their buffers held the same samples: no client
+  has more than 20 samples of a class).
 * **§5.3.2** (``communication``): Fed-LSCL communicates less than each other label of the Table 1 suite:
   MB up + down per client over the whole run (``mb_per_client``; per client-round is that divided by
   tasks x rounds_per_task), one part per baseline, ``fewer`` or ``more``.
@@ -649,6 +651,10 @@ def fig5_claims(df: pd.DataFrame) -> list[Claim]:
         if why:
             claims.append(Claim("fig5", "Fig. 5", statement, d, rule, [untestable(statement, "; ".join(why))]))
             continue
+        same = _same_buffers(rows, by_size[FIG5_SMALL], by_size[FIG5_LARGE])
+        if same:
+            claims.append(Claim("fig5", "Fig. 5", statement, d, rule, [untestable(statement, same)]))
+            continue
         small, large = (_series(rows, by_size[k], _final) for k in (FIG5_SMALL, FIG5_LARGE))
         part = at_most_below(large, small, FIG5_TOLERANCE, statement)
         sizes = {k: _series(rows, lab, _final) for k, lab in sorted(by_size.items())}
@@ -656,6 +662,21 @@ def fig5_claims(df: pd.DataFrame) -> list[Claim]:
             f"{k}: {_stat(s).text()}" for k, s in sizes.items() if s.values)]
         claims.append(Claim("fig5", "Fig. 5", statement, d, rule, [part], notes))
     return claims
+
+
+def _same_buffers(rows: pd.DataFrame, small: str, large: str) -> str | None:
+    """Why runs ``small`` and ``large`` cannot differ by their buffer, or None. Fed-LSCL uploads the features
+    of its whole buffer every round, so equal bytes up on every seed both completed (same scenario) mean
+    the two buffers held the same samples: no client holds more samples of a class than the smaller one."""
+    up = {lab: _series(rows, lab, lambda r: r.mb_up_per_client) for lab in (small, large)}
+    seeds = [sd for sd in up[small].values if sd in up[large].values
+             and up[small].hashes.get(sd) == up[large].hashes.get(sd)]
+    if not seeds or any(up[small].values[sd] != up[large].values[sd] for sd in seeds):
+        return None
+    return (f"{small} and {large} held the same buffer ({up[small].values[seeds[0]]:.3f} MB up per client on "
+            f"each of seeds {', '.join(map(str, seeds))}): no client holds more than {FIG5_SMALL} samples of a "
+            f"class, so the buffer size is not what differs; give the clients more data per class "
+            f"(-o train_per_class=...)")
 
 
 def communication_claims(df: pd.DataFrame) -> list[Claim]:
