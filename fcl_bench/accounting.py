@@ -10,9 +10,10 @@ code down by a third or more; three modes:
 * ``"sampled"`` (the default): each measured call is cut into *steps* at every optimiser step
   (``torch.optim`` step hooks) and at the call's start and end. A step is described by its *signature*,
   the sequence of outermost module calls it makes (module calls made outside any other module's
-  forward: which module, the shapes and ``requires_grad`` of all its parameters, train/eval mode, grad
+  forward: the module's structure (its and its submodules' classes), the shapes and ``requires_grad`` of all its parameters, train/eval mode, grad
   mode, and the shape, dtype and ``requires_grad`` of every tensor argument). The FLOPs of a step whose signature was already
-  counted for the same party (a client, or one kind of server step) are taken from that count; a step whose signature is new is
+  counted for the same kind of party (any client, or one kind of server step) are taken from that count:
+  the clients share their signatures, so a step one client counted is reused by the others. A step whose signature is new is
   counted: the counter is switched on where its signature departs from every known one (at its first
   module call for a new batch size, a new phase or a new model), and what ran before that point is
   credited from the known step it matched so far. Ops before a step's first module call are always
@@ -39,7 +40,6 @@ import contextlib
 import resource
 import sys
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -108,14 +108,23 @@ def _rss_peak_bytes() -> int:
 
 class _Node:
     """A point in the signatures of the steps seen so far: ``flops`` counted from the step's first module
-    call up to this one; ``end``: the step's FLOPs when a step ended here; ``children`` by next call."""
+    call up to this one; ``after``: up to the end of this call's forward (when it ran counted);
+    ``end``: the step's FLOPs when a step ended here; ``children`` by next call."""
 
-    __slots__ = ("children", "end", "flops")
+    __slots__ = ("after", "children", "end", "flops")
 
     def __init__(self, flops: int) -> None:
         self.flops = flops
         self.children: dict[tuple, _Node] = {}
         self.end: int | None = None
+        self.after: int | None = None
+
+
+def _module_type(module: nn.Module) -> tuple[str, ...]:
+    """A module's structure: the qualified class names of it and of every submodule, in order. Modules of
+    one structure with the same parameter shapes and inputs (two clients' CNNs, a model and its frozen
+    copy) are one module to a signature."""
+    return tuple(f"{type(m).__module__}.{type(m).__qualname__}" for m in module.modules())
 
 
 def _tensor_sig(a) -> tuple | None:
@@ -197,6 +206,11 @@ class _Sampler:
         self._end_step()
         self._pop()
 
+    def returned(self) -> None:
+        """The outermost module call of the current node returned: note the FLOPs up to here."""
+        if self.on and not self.paused and self.node is not None and self.node is not self.root:
+            self.node.after = self.offset + self._counted()
+
     def event(self, key: tuple) -> None:
         if self.node is None:  # the preamble ends at the step's first module call
             self.preamble = self._counted()
@@ -221,7 +235,10 @@ class _Sampler:
         if node.children:
             rel = next(iter(node.children.values())).flops
         else:
-            rel = node.flops if node.end is None else node.end
+            # right after a call where the known steps ended: what ran of this step is that call's forward
+            # (``after``; the known steps' ``end`` also holds their backward), plus any FLOPs between its
+            # return and this call, which were not counted: an estimate
+            rel = node.flops if node.end is None else node.end if node.after is None else node.after
             if node is not self.root:
                 self.exact = False
         self.reused = True
@@ -244,24 +261,20 @@ class Accountant:
             raise ValueError(f"flops mode must be sampled, all or off; got '{mode}'")
         self.device = device
         self.mode = mode
-        self._roots: dict[int | str, _Node] = {}
+        self._roots: dict[str, _Node] = {}
         self._flops: dict[tuple[int | str, int], int] = {}  # last measured FLOPs per (party, task)
-        self._serial: weakref.WeakKeyDictionary[nn.Module, int] = weakref.WeakKeyDictionary()
         self.inexact = 0
-        self._serials = 0
 
-    def _module_key(self, module: nn.Module) -> int:
-        """A number per module object, never reused (unlike ``id``) while this accountant lives."""
-        k = self._serial.get(module)
-        if k is None:
-            k = self._serial[module] = self._serials
-            self._serials += 1
-        return k
+    @staticmethod
+    def _tree(party: int | str) -> str:
+        """The signature tree ``party``'s steps are looked up in: one for all clients (they run the same
+        method's code on models of the same structure, so a step one client counted is known to all),
+        one per kind of server step."""
+        return "clients" if isinstance(party, int) else party
 
     @contextlib.contextmanager
     def _sampled(self, party: int | str, task: int) -> Iterator[_Sampler]:
-        sampler = _Sampler(self._roots.setdefault(party, _Node(0)))
-        serial = self._module_key
+        sampler = _Sampler(self._roots.setdefault(self._tree(party), _Node(0)))
         counter = sampler.counter
 
         def ours() -> bool:
@@ -278,11 +291,13 @@ class Accountant:
             depth[0] += 1
             if depth[0] == 1 and ours():  # an outermost module call: its submodules' calls follow from it
                 params = tuple((tuple(p.shape), p.requires_grad) for p in module.parameters())
-                sampler.event((serial(module), params, module.training, torch.is_grad_enabled(),
+                sampler.event((_module_type(module), params, module.training, torch.is_grad_enabled(),
                                tuple(_tensor_sig(a) for a in args)))
 
         def post_hook(module: nn.Module, args: tuple, out) -> None:
             depth[0] -= 1
+            if depth[0] == 0 and ours():
+                sampler.returned()
 
         def step_pre_hook(opt, args, kwargs) -> None:
             if ours() and not args and kwargs.get("closure") is None:

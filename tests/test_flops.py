@@ -84,6 +84,24 @@ def test_sampled_equals_all_and_reuses_repeated_steps():
     assert sampled.inexact == 0
 
 
+def test_clients_share_signatures_but_server_steps_do_not():
+    """A step one client counted is reused by another client's model of the same class and shapes (it is
+    not measured again) and equals a full count; a server step is its own party and counted afresh."""
+    torch.manual_seed(0)
+
+    def make():
+        model = nn.Sequential(nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 2))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    sampled, full = Accountant(CPU, "sampled"), Accountant(CPU, "all")
+    ref = _loop(full, 0, 0, [8, 3], *make())[0]
+    assert _loop(sampled, 0, 0, [8, 3], *make()) == (ref, True)     # client 0: counted
+    assert _loop(sampled, 1, 0, [8, 3], *make()) == (ref, False)    # client 1, its own model: reused
+    assert _loop(sampled, "server:round", 0, [8, 3], *make()) == (ref, True)
+    other = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 2))  # another structure: counted
+    assert _loop(sampled, 2, 0, [8], other, torch.optim.SGD(other.parameters(), lr=0.1))[1] is True
+
+
 class _Hidden(nn.Module):
     """A matmul whose size comes from an attribute, invisible in the module call's signature."""
 
@@ -141,7 +159,7 @@ def ws_runs():
     return workspace(run), run
 
 
-@pytest.mark.parametrize("name", ["fedlscl", "dualprompt", "fedavg", "glfc", "fedmgp"])
+@pytest.mark.parametrize("name", ["fedlscl", "dualprompt", "fedavg", "glfc", "fedmgp", "target"])
 def test_sampled_matches_full_count(ws_runs, name):
     ws, run = ws_runs
     cls = get_method(name)

@@ -29,3 +29,23 @@ def test_a_finite_gradient_steps_and_the_hook_runs_before_the_check():
     opt2 = torch.optim.SGD([w2], lr=1.0)
     optimizer_step(w2.sqrt().sum(), opt2, "loss", before_step=lambda: w2.grad.nan_to_num_(posinf=1.0))
     assert w2.item() == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_element_among_several_tensors_is_found(bad):
+    ws = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(4))]
+    opt = torch.optim.SGD(ws, lr=0.1)
+    scale = torch.tensor([1.0, 1.0, bad, 1.0])
+    loss = ws[0].sum() + ws[1].sum() + (ws[2] * scale).nan_to_num(0.0).sum()   # the loss stays finite
+    with pytest.raises(NonFiniteError, match=r"gradients of 1 of 3 parameter tensors.*\(4,\)"):
+        optimizer_step(loss, opt, "loss")
+    assert all(torch.equal(w, torch.ones_like(w)) for w in ws)
+
+
+def test_finite_gradients_whose_sum_overflows_still_step():
+    """The fast check sums every gradient element; a sum that overflows is decided tensor by tensor."""
+    w = torch.nn.Parameter(torch.tensor([0.0, 0.0]))
+    opt = torch.optim.SGD([w], lr=0.0)
+    big = torch.tensor([3e38, 3e38])
+    optimizer_step((w * big).sum(), opt, "loss")     # loss 0; each gradient is 3e38 (finite), their sum inf
+    assert torch.isfinite(w.grad).all() and torch.isinf(w.grad.sum())

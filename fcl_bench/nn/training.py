@@ -31,6 +31,12 @@ def check_finite_gradients(opt: torch.optim.Optimizer, what: str) -> None:
     grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
     if not grads:
         return
+    # fast path: a NaN or inf anywhere makes the sum of every gradient element non-finite, so a finite sum
+    # proves them all finite (one concatenation and one reduction instead of an isfinite per tensor; this
+    # check cost 12 % of a FedAvg run on quick); a non-finite sum (also a finite overflow) is decided
+    # tensor by tensor
+    if torch.isfinite(torch.cat([g.reshape(-1) for g in grads]).sum(dtype=torch.float32)):
+        return
     finite = torch.stack([torch.isfinite(g).all() for g in grads])
     if not finite.all():
         bad = [tuple(g.shape) for g, ok in zip(grads, finite.tolist()) if not ok]
