@@ -12,7 +12,8 @@ absolute times on a shared machine are noise.
 ``--breakdown`` also splits each method's round by kind of operation (torch.profiler self CPU time and
 torch's FLOP formulas per aten op): convolutions (the client CNN), matrix products (the ViT, LoRA, heads),
 normalisation, and everything else (activations, elementwise, copies, optimiser); each kind's share of the
-time, of the FLOPs, and its FLOP/s against the frozen forward's.
+time (the profiler's self times), of the FLOPs, and its FLOP/s (its FLOPs over its share of the round's
+CPU seconds) against the frozen forward's.
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def method_round(name: str, ws: Workspace, run, task: int = 1, split: bool = Fal
         def fresh():
             client.load_state_dict(copy.deepcopy(snapshot))
             one()
-        out["breakdown"] = breakdown(fresh)
+        out["breakdown"] = split_round = breakdown(fresh)
+        for b in split_round.values():   # the profiler's times are wall times: scale its shares to CPU seconds
+            b["flops_per_s"] = b["flops"] / (b["time_share"] * s) if b["time_share"] else 0.0
     return out
 
 
