@@ -157,7 +157,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # fedvit 18 / l2p 193 / fedlscl 233 at 40 train images per class; fedlscl 197 and fedavg 103 at 20. Fed-LSCL
     # barely shrinks with the data: its Stage 2 runs over the buffer (20 per class, the paper's M), not the
     # task's data. Client CNNs start pretrained (from random init with 1 local epoch, FedAvg predicted one class
-    # on 3 of 5 clients after the first task).
+    # on 3 of 5 clients after the first task). Three-seed suites as measured (pretrained CNNs, --threads 1, a
+    # second suite on the other core; results/reference/standard/README.md): table1 99 min, table2 49, fig5 61.
     "standard": dict(dataset="synthetic", foundation="tiny", small_models=["mobilenetv3_small_050"], small_width=128,
                      clients=5, private=15, public=25, tasks=5, classes_per_task=8, rounds_per_task=5, epochs=1,
                      batch_size=32, train_per_class=20, test_per_class=16, alpha=0.5, server_per_class=2,
