@@ -343,6 +343,22 @@ def test_fig4_compares_with_the_homogeneous_run_of_the_same_scenario_and_setting
     assert "NaN logits" in one(C.fig4_claims(table(failed + homo)), "fig4").reason
 
 
+def test_fig4_falls_back_to_another_suites_fedlscl_with_the_same_settings():
+    scratch = {"small_pretrained": False}
+    hetero = seeds_of("fig4", "fedlscl-hetero", spread3([70, 68.5]),
+                      run_config={**scratch, "small_models": ["resnet18", "vgg16"]})
+    pretrained = seeds_of("table1", "fedlscl", spread3([72, 90]), run_config={"small_pretrained": True})
+    alike = seeds_of("standard", "fedlscl", spread3([72, 69]), run_config=scratch)
+    c = one(C.fig4_claims(table(hetero + pretrained + alike)), "fig4")
+    assert c.parts[0].a.label == "standard/fedlscl" and c.parts[0].difference == pytest.approx(0.5)
+    assert c.verdict == HOLDS
+    c = one(C.fig4_claims(table(hetero + pretrained)), "fig4")     # only a run with other settings
+    assert c.verdict == NOT_TESTABLE and "small_pretrained: False vs True" in c.reason
+    own = seeds_of("fig4", "fedlscl", spread3([72, 75]), run_config=scratch)    # the suite's own run first
+    c = one(C.fig4_claims(table(hetero + pretrained + alike + own)), "fig4")
+    assert c.parts[0].a.label == "fig4/fedlscl" and c.verdict == FAILS
+
+
 # ------------------------------------------------------------------------------------------ outputs
 
 def test_every_claim_is_reported_and_the_json_is_complete(tmp_path):

@@ -65,12 +65,15 @@ def test_sweeps_expand_one_run_per_value():
 
 
 def test_fig4_gives_one_known_timm_arch_per_client():
-    (p,) = load_suite("fig4").plan(METHODS)
+    p, homo = load_suite("fig4").plan(METHODS)
     archs = p["run_overrides"]["small_models"].split(",")
     assert archs == ["resnet18", "mobilenetv3_large_100", "densenet121", "efficientnet_b3", "vgg16"]
     assert all(timm.is_model(a) for a in archs)
     cfg = apply_overrides(RunConfig(), p["run_overrides"], "run")
     assert cfg.small_models == archs
+    # the homogeneous reference: the same settings but small_models (the preset's one CNN on every client)
+    assert homo["label"] == "fedlscl" and homo["method"] == p["method"] and homo["overrides"] == p["overrides"]
+    assert {k: v for k, v in p["run_overrides"].items() if k != "small_models"} == homo["run_overrides"]
 
 
 def _write(tmp_path: Path, data) -> Path:
