@@ -8,6 +8,8 @@ absolute times on a shared machine are noise.
 
     FCL_BENCH_CACHE=/path/to/cache python benchmarks/step_efficiency.py [--methods fedlscl,l2p] [--out FILE]
     python benchmarks/step_efficiency.py --methods fedlscl --breakdown    # where its round's time goes
+    python benchmarks/step_efficiency.py --methods fedlscl -o channels_last=true   # run options as for fcl-bench run
+    python benchmarks/step_efficiency.py --methods fedlscl --vary channels_last=false,true  # each value, one process
 
 ``--breakdown`` also splits each method's round by kind of operation (torch.profiler self CPU time and
 torch's FLOP formulas per aten op): convolutions (the client CNN), matrix products (the ViT, LoRA, heads),
@@ -158,16 +160,29 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--breakdown", action="store_true", help="also split each round by kind of operation")
+    ap.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a run option of the quick preset (repeatable), e.g. -o channels_last=true")
+    ap.add_argument("--vary", default=None, metavar="KEY=V1,V2",
+                    help="run each method once per value of a run option, in this process (a ratio on one machine)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    run = apply_overrides(preset("quick"), {"device": "cpu"}, "run")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        ap.error(f"-o takes KEY=VALUE, got {bad[0]!r}")
+    opts = dict(o.split("=", 1) for o in args.overrides)
+    run = apply_overrides(preset("quick"), {**opts, "device": "cpu"}, "run")
     ws = Workspace.create(run.workspace())
     ws.ensure_foundation(False)
     ref = reference(ws, run.batch_size)
+    variants = [("", run)]
+    if args.vary:
+        key, _, values = args.vary.partition("=")
+        variants = [(f"[{key}={v}]", apply_overrides(run, {key: v}, "run")) for v in values.split(",")]
     rows = {}
-    for name in args.methods.split(","):
-        r = method_round(name, ws, run, split=args.breakdown)
+    for name, (tag, vrun) in ((n, v) for n in args.methods.split(",") for v in variants):
+        r = method_round(name, ws, vrun, split=args.breakdown)
         r["fraction_of_frozen_forward"] = r["flops_per_s"] / ref["frozen_forward"]["flops_per_s"]
+        name = name + tag
         rows[name] = r
         print(f"{name:10s} {r['flops'] / 1e9:8.2f} GFLOP {r['seconds']:7.2f} s  "
               f"{r['flops_per_s'] / 1e9:6.2f} GFLOP/s  {r['fraction_of_frozen_forward']:.2f} of the frozen forward",

@@ -41,7 +41,9 @@ class RunConfig:
     clients that train in a round (a seeded sample per round; 1.0, the paper's setting, is all of them).
     ``small_pretrained``: the client CNNs' backbones start pretrained (on the synthetic dataset's
     pretraining classes offline, timm's pretrained tag on a real dataset) instead of at random init; see
-    :mod:`fcl_bench.nn.small`.
+    :mod:`fcl_bench.nn.small`. ``channels_last``: the client CNNs' parameters and inputs in channels-last
+    memory layout (the same model and arithmetic, other conv kernels: results agree to rounding, not bit for
+    bit; ``benchmarks/step_efficiency.py`` measures the gain).
 
     The fields that decide what runs share (data, scenario, foundation model, feature cache) are marked
     ``_shared`` here; they make up :class:`WorkspaceConfig`, and :meth:`workspace` extracts them.
@@ -56,6 +58,7 @@ class RunConfig:
     small_models: list[str] = field(default_factory=lambda: ["resnet18"])
     small_width: int = 512
     small_pretrained: bool = False
+    channels_last: bool = False
     clients: int = _shared(5)
     private: int = _shared(15)
     public: int = _shared(25)

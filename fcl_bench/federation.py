@@ -128,7 +128,7 @@ def env_fields(ws: Workspace, run: RunConfig, fm: Any, amp: torch.dtype | None,
     come from :func:`~fcl_bench.nn.small.small_model_factory` (``run.small_pretrained``); ``epochs`` is
     :meth:`RunConfig.local_epochs` of a method with ``uses_foundation``."""
     make_small = small_model_factory(run.small_pretrained, ws.full_dataset or ws.dataset, ws.preprocess,
-                                     ws.device, log=log, progress=progress)
+                                     ws.device, log=log, progress=progress, channels_last=run.channels_last)
     return dict(scenario=scenario_info(ws, run.rounds_per_task), device=ws.device, amp_dtype=amp,
                 foundation=fm, small_archs=list(run.small_models), small_width=run.small_width,
                 seed=run.seed, batch_size=run.batch_size, epochs=run.local_epochs(uses_foundation),

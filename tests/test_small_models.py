@@ -191,3 +191,50 @@ def test_unreachable_pretrained_weights_are_a_clear_error(tiny_data, monkeypatch
     real_like = dataclasses.replace(tiny_data, name="cifar100", pretrain=None)
     with pytest.raises(small.SmallModelError, match="small_pretrained=false"):
         small.pretrained_backbone_state("resnet18", real_like, PRE)
+
+
+def test_channels_last_is_the_same_model_in_another_layout():
+    """``channels_last``: conv weights and the backbone's input in channels-last layout; the forward, the
+    gradients and an Adam step agree with the default layout to rounding; the state dict leaves contiguous
+    (it crosses the wire and is checkpointed) and loading one keeps the layout."""
+    from fcl_bench import wire
+
+    torch.manual_seed(0)
+    ref = build_small_model("mobilenetv3_small_050", 24).train()
+    cl = build_small_model("mobilenetv3_small_050", 24).train()
+    cl.load_state_dict(ref.state_dict())
+    cl.to_channels_last()
+    conv = cl.backbone.conv_stem.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+    cl.backbone.conv_stem.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    outs = []
+    for m in (ref, cl):
+        e = m(x)
+        outs.append(e.detach())
+        e.square().mean().backward()
+    assert seen == [True]
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    scale = max(p.grad.abs().max().item() for p in ref.parameters())     # rounding is relative to this
+    for (n, a), b in zip(ref.named_parameters(), cl.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-3, atol=1e-5 * scale), n
+    got, _ = wire.transmit(cl.state_dict())
+    assert all(t.is_contiguous() for t in got.values())
+    cl.load_state_dict(got)
+    assert cl.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_channels_last_run_option_reaches_every_client_cnn():
+    from helpers import smoke_config, workspace
+
+    ws = workspace(smoke_config(small_models="test_resnet"))
+    plain = _fedavg_federation(ws)
+    fed = _fedavg_federation(ws, channels_last="true")
+    for c in fed.clients:
+        w = next(p for p in fed.clients[c].model.backbone.parameters() if p.dim() == 4)
+        v = next(p for p in plain.clients[c].model.backbone.parameters() if p.dim() == 4)
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        assert v.is_contiguous()
+        assert torch.equal(w, v)                       # the same seeded init, another layout

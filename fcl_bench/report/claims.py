@@ -83,7 +83,7 @@ FIG5_TOLERANCE = 1.0                  # points: "within 1 point of 40"
 FIG5_SMALL, FIG5_LARGE = 20, 40
 THREE_SEEDS = "run three seeds (--seeds 42,1999,2024)"
 # run-config fields that never make two runs different experiments
-_IGNORED_KEYS = {"seed", "dataset", "device", "data_root", "download", "eval_batch_size"}
+_IGNORED_KEYS = {"seed", "dataset", "device", "data_root", "download", "eval_batch_size", "channels_last"}
 
 
 # ------------------------------------------------------------------------------------------- results
