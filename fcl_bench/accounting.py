@@ -72,9 +72,11 @@ class FlopCounter(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.total = 0
+        self.ops = 0      # ops dispatched through the counter (each pays a Python round trip)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.ops += 1
         if func in _PASS:
             return NotImplemented
         if isinstance(func, torch._ops.HigherOrderOperator):
@@ -147,6 +149,7 @@ class _Sampler:
         self.total = 0             # FLOPs of finished steps (and the preambles)
         self.reused = False
         self.exact = True
+        self.steps = {"counted": 0, "partial": 0, "reused": 0}   # how each step's FLOPs were had
         self._start_step()
 
     # -- switching the counter ----------------------------------------------------------------------
@@ -168,6 +171,8 @@ class _Sampler:
         self.node: _Node | None = None  # None: before the step's first module call (the preamble, counted)
         self.offset = 0                 # FLOPs credited for the part of the step run with the counter off
         self.mark = self.counter.total
+        self.departed = False           # the counter went on mid-step, where the step left the known ones
+        self.ops0 = self.counter.ops
         self._push()
 
     def pause(self) -> None:
@@ -183,6 +188,8 @@ class _Sampler:
             self._end_step()
             self.on = False
             return
+        if self.node is not None or self.counter.ops > self.ops0:    # an empty tail is no step
+            self.steps["reused" if not self.on else "partial" if self.departed else "counted"] += 1
         if self.node is None:  # no module call: all of it was counted
             self.total += self._counted()
         elif self.on:          # recording a new signature
@@ -242,6 +249,7 @@ class _Sampler:
             if node is not self.root:
                 self.exact = False
         self.reused = True
+        self.departed = True
         self.node = node.children[key] = _Node(rel)
         self.offset = rel
         self._push()
@@ -264,6 +272,10 @@ class Accountant:
         self._roots: dict[str, _Node] = {}
         self._flops: dict[tuple[int | str, int], int] = {}  # last measured FLOPs per (party, task)
         self.inexact = 0
+        #: sampled mode: steps whose FLOPs were counted whole, counted from where they left the known steps
+        #: (the rest credited), or taken whole from a known step; ``ops``: ops run through a counter (any mode)
+        self.steps = {"counted": 0, "partial": 0, "reused": 0}
+        self.ops = 0
 
     @staticmethod
     def _tree(party: int | str) -> str:
@@ -344,9 +356,13 @@ class Accountant:
         m.seconds = time.perf_counter() - t0
         if self.mode == "all":
             m.flops, m.flops_measured = counting.total, True
+            self.ops += counting.ops
         elif self.mode == "sampled":
             m.flops, m.flops_measured, m.flops_exact = counting.total, not counting.reused, counting.exact
             self.inexact += not counting.exact
+            self.ops += counting.counter.ops
+            for k, n in counting.steps.items():
+                self.steps[k] += n
         if m.flops is not None:
             self._flops[(party, task)] = m.flops
 

@@ -510,6 +510,8 @@ class Federation:
             "server_flops": None if server_flops.isna().any() else float(server_flops.sum()),
             "flops_mode": self.flops_mode,
             "flops_inexact_steps": self.acct.inexact,
+            "flops_steps": dict(self.acct.steps),
+            "flops_counted_ops": self.acct.ops,
             "client_train_seconds": float(rounds.train_seconds.sum()),
             "server_seconds": float(server.server_seconds.sum()),
             "server_peak_memory_bytes": int(server.server_peak_memory_bytes.max()),

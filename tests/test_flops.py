@@ -72,9 +72,15 @@ def test_sampled_equals_all_and_reuses_repeated_steps():
     # activation's grad (2 * 9 * 2; none for the input); then the no-grad pass
     assert ref == sum(n * (2 * per_step + 2 * 9 * 2) for n in sizes) + 11 * per_step
     first = _loop(sampled, 0, 0, sizes, model, opt)
+    # how each step was had: the first 8, the 3 and the no-grad tail of 11 counted, two 8s reused
+    assert sampled.steps == {"counted": 3, "partial": 0, "reused": 2}
+    counted_ops = sampled.ops
     again = _loop(sampled, 0, 0, sizes, model, opt)
     assert first == (ref, False)   # the 2nd and 3rd step reused the 1st one's count
     assert again == (ref, False)   # every step reused
+    assert sampled.steps == {"counted": 3, "partial": 0, "reused": 7}
+    assert sampled.ops - counted_ops < counted_ops / 4     # reused steps ran only their preambles counted
+    assert 0 < counted_ops < full.ops                     # the full count ran every op through the counter
     assert sampled.inexact == 0
     # a new batch size, or a grown layer (its parameter shapes are part of the signature), is counted
     assert _loop(sampled, 0, 1, [5], model, opt)[0] == _loop(full, 0, 1, [5], model, opt)[0]
