@@ -52,9 +52,12 @@ from fcl_bench.workspace import Workspace
 
 __all__ = ["Federation", "PhaseClock", "RngStreams", "RunResult", "participants"]
 
-#: rounds.csv columns that hold timings or memory: they differ between otherwise identical runs.
+#: metrics and rounds.csv columns that hold timings or memory, which differ between otherwise identical runs,
+#: and the FLOP counter's own cost (``flops_steps``, ``flops_counted_ops``), which depends on what the process
+#: had counted before (a resumed run, or a Flower client rebuilt for each message, counts afresh); the
+#: FLOP totals themselves do not.
 TIMING_KEYS = ("wall_seconds", "client_train_seconds", "server_seconds", "seconds", "peak_memory_bytes",
-               "server_peak_memory_bytes", "cache_fill", "phase_seconds")
+               "server_peak_memory_bytes", "cache_fill", "phase_seconds", "flops_steps", "flops_counted_ops")
 
 
 @dataclass
