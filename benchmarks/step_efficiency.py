@@ -166,9 +166,9 @@ def main() -> None:
                     help="run each method once per value of a run option, in this process (a ratio on one machine)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    bad = [o for o in args.overrides if "=" not in o]
+    bad = [o for o in args.overrides + ([args.vary] if args.vary else []) if "=" not in o]
     if bad:
-        ap.error(f"-o takes KEY=VALUE, got {bad[0]!r}")
+        ap.error(f"-o and --vary take KEY=VALUE (--vary: KEY=V1,V2), got {bad[0]!r}")
     opts = dict(o.split("=", 1) for o in args.overrides)
     run = apply_overrides(preset("quick"), {**opts, "device": "cpu"}, "run")
     ws = Workspace.create(run.workspace())
